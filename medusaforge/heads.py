@@ -220,9 +220,14 @@ def load_heads(
 ) -> MedusaHeads:
     """Load heads saved by `MedusaHeads.save`; with `base`, check they belong to it.
 
-    Loading uses safetensors only, so no pickled code is ever executed.
+    Loading uses safetensors only, so no pickled code is ever executed. Folders in an engine's
+    layout (vLLM, original Medusa) are converted on load by formats.import_heads.
     """
     directory = Path(directory)
+    from .formats import import_heads, is_medusaforge_folder
+
+    if not is_medusaforge_folder(directory):
+        return import_heads(directory, base, allow_other_base)
     config = read_heads_config(directory)
     heads = MedusaHeads.from_config(config)
     path = directory / HEADS_FILE
