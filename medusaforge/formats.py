@@ -22,6 +22,7 @@ which read folders. Writing folders is export.py's job.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -434,7 +435,7 @@ def read_tensors(path: Path) -> dict:
             tensors = load_file(str(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing") from None
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as error:
+    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
         raise ValueError(f"{path}: cannot read weights ({error})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ValueError(f"{path}: expected a flat name -> tensor state dict")
