@@ -1,0 +1,173 @@
+"""`medusaforge export` end to end: CLI, files written, model card, refusals, loading the result back."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from medusaforge import formats
+from medusaforge.cli import main
+from medusaforge.heads import MedusaHeads, load_heads
+
+HIDDEN, VOCAB = 16, 48
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved as a Hugging Face folder, standing in for the base model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=VOCAB, tie_word_embeddings=False)
+    directory = tmp_path_factory.mktemp("base") / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def base(base_dir):
+    from medusaforge.models import load_base_model
+
+    return load_base_model(base_dir, check=False)
+
+
+def trained_heads(base, base_dir, tmp_path, shared=False, head_vocab_size=None, num_heads=3) -> tuple[MedusaHeads, Path]:
+    from medusaforge.models import lm_head_of
+
+    heads = MedusaHeads(HIDDEN, VOCAB, num_heads, 1, shared_lm_head=shared, head_vocab_size=head_vocab_size,
+                        base_model=str(base_dir))
+    if head_vocab_size is not None:
+        heads.token_map.copy_(torch.randperm(VOCAB)[:head_vocab_size])
+    heads.init_from_base(lm_head_of(base).weight)
+    for name, parameter in heads.named_parameters():
+        if "blocks" in name:  # as if trained: nonzero ResBlocks
+            parameter.data.normal_(std=0.1)
+    return heads, heads.save(tmp_path / "heads")
+
+
+def hidden_states() -> torch.Tensor:
+    return torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "medusa"])
+def test_export_cli_writes_engine_folder_that_loads_back_bit_identical(fmt, base, base_dir, tmp_path):
+    heads, heads_dir = trained_heads(base, base_dir, tmp_path)
+    out = tmp_path / f"out-{fmt}"
+    assert main(["export", "--heads", str(heads_dir), "--format", fmt, "--out", str(out)]) == 0
+    weights = formats.VLLM_WEIGHTS_FILE if fmt == "vllm" else formats.MEDUSA_WEIGHTS_FILE
+    assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", "README.md", weights])
+    assert formats.detect_format(out) == fmt
+    back = load_heads(out, base)  # what eval/generate/train --init-heads call
+    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), back.state_dict().values()))
+    assert torch.equal(heads(hidden_states()), back(hidden_states()))
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the staging folder is gone
+
+
+def test_model_card_has_measurements_and_both_engines_commands(base, base_dir, tmp_path):
+    _, heads_dir = trained_heads(base, base_dir, tmp_path)
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps({"accept_length": 2.31, "speedup": 1.84, "num_prompts": 20}))
+    out = tmp_path / "out"
+    assert main(["export", "--heads", str(heads_dir), "--format", "medusa", "--out", str(out),
+                 "--eval-json", str(eval_json), "--write-pt", "--data", "self-distilled UltraChat"]) == 0
+    card = (out / "README.md").read_text()
+    for text in ("2.310", "1.840", "| 20 |", "self-distilled UltraChat", str(base_dir),
+                 f"--medusa_model_dir {out}", "--num_medusa_heads 3", "--speculative_decoding_mode medusa",
+                 "--format vllm"):
+        assert text in card, text
+    assert (out / formats.MEDUSA_PICKLE_FILE).is_file()
+    vllm_card = (tmp_path / "v" / "README.md")
+    assert main(["export", "--heads", str(heads_dir), "--out", str(tmp_path / "v"), "--num-speculative-tokens", "2"]) == 0
+    text = vllm_card.read_text()
+    assert f'"method": "medusa", "model": "{tmp_path / "v"}", "num_speculative_tokens": 2' in text
+    assert "Not measured here" in text
+
+
+def test_pickle_only_folder_imports_the_same_heads(base, base_dir, tmp_path):
+    heads, heads_dir = trained_heads(base, base_dir, tmp_path)
+    out = tmp_path / "out"
+    assert main(["export", "--heads", str(heads_dir), "--format", "medusa", "--out", str(out), "--write-pt"]) == 0
+    (out / formats.MEDUSA_WEIGHTS_FILE).unlink()
+    assert torch.equal(load_heads(out)(hidden_states()), heads(hidden_states()))
+
+
+def test_non_empty_output_is_refused_unless_overwrite(base, base_dir, tmp_path, capsys):
+    _, heads_dir = trained_heads(base, base_dir, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(["export", "--heads", str(heads_dir), "--out", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert main(["export", "--heads", str(heads_dir), "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert main(["export", "--heads", str(heads_dir), "--out", str(heads_dir), "--overwrite"]) == 1
+
+
+def test_shared_lm_head_export_reads_the_base_and_round_trips(base, base_dir, tmp_path):
+    heads, heads_dir = trained_heads(base, base_dir, tmp_path, shared=True)
+    out = tmp_path / "out"
+    # No --model: the heads' recorded base_model (the tiny folder) is loaded for its lm_head.
+    assert main(["export", "--heads", str(heads_dir), "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["original_lm_head"] is True
+    back = load_heads(out, base)
+    assert back.config.shared_lm_head
+    assert torch.equal(heads(hidden_states()), back(hidden_states()))
+
+
+def test_truncated_vocab_medusa_export_refused_then_expanded(base, base_dir, tmp_path, capsys):
+    heads, heads_dir = trained_heads(base, base_dir, tmp_path, head_vocab_size=12)
+    assert main(["export", "--heads", str(heads_dir), "--format", "medusa", "--out", str(tmp_path / "a")]) == 1
+    assert "--expand-vocab" in capsys.readouterr().err
+    assert main(["export", "--heads", str(heads_dir), "--format", "medusa", "--out", str(tmp_path / "b"),
+                 "--expand-vocab", "--model", str(base_dir)]) == 0
+    back = load_heads(tmp_path / "b", base)
+    assert back.config.head_vocab_size == VOCAB
+    torch.testing.assert_close(back(hidden_states())[..., heads.token_map], heads(hidden_states())[..., heads.token_map],
+                               rtol=1e-6, atol=1e-5)
+
+
+def test_import_checks_shapes_against_the_base(base, base_dir, tmp_path):
+    wrong = MedusaHeads(HIDDEN + 8, VOCAB, 2, 1)
+    tensors, config = formats.to_vllm(wrong)
+    directory = tmp_path / "wrong"
+    directory.mkdir()
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hidden_size 24 != base 16"):
+        load_heads(directory, base)
+
+
+SMOLLM2_HEADS = Path(__file__).resolve().parents[1] / "runs" / "demo" / "heads"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["vllm", "medusa"])
+def test_smollm2_shaped_heads_round_trip_bit_identical(fmt, tmp_path):
+    """The shipped SmolLM2 heads if present, else random heads of SmolLM2's shape (576 x 49152)."""
+    from medusaforge.export import ExportConfig, run
+
+    if (SMOLLM2_HEADS / "config.json").is_file():
+        heads_dir, heads = SMOLLM2_HEADS, load_heads(SMOLLM2_HEADS)
+    else:
+        torch.manual_seed(0)
+        heads = MedusaHeads(576, 49152, 4, 1, base_model="smollm2-135m-instruct")
+        for parameter in heads.parameters():
+            parameter.data.normal_(std=0.02)
+        heads_dir = heads.save(tmp_path / "heads")
+    if heads.config.shared_lm_head:
+        pytest.skip("shared-lm_head heads need the base model; covered by the tiny-model tests")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", formats.FormatWarning)
+        run(ExportConfig(heads=str(heads_dir), format=fmt, out=str(tmp_path / "out")))
+    back = load_heads(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), back.state_dict().values()))
+    hidden = torch.randn(1, 8, 576, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(heads(hidden), back(hidden))
