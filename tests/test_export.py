@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from medusaforge import formats
+from medusaforge import formats, importer
 from medusaforge.cli import main
 from medusaforge.heads import MedusaHeads, load_heads
 
@@ -62,7 +62,7 @@ def test_export_cli_writes_engine_folder_that_loads_back_bit_identical(fmt, base
     assert main(["export", "--heads", str(heads_dir), "--format", fmt, "--out", str(out)]) == 0
     weights = formats.VLLM_WEIGHTS_FILE if fmt == "vllm" else formats.MEDUSA_WEIGHTS_FILE
     assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", "README.md", weights])
-    assert formats.detect_format(out) == fmt
+    assert importer.detect_format(out) == fmt
     back = load_heads(out, base)  # what eval/generate/train --init-heads call
     assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), back.state_dict().values()))
     assert torch.equal(heads(hidden_states()), back(hidden_states()))

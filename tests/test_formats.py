@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from medusaforge import formats
+from medusaforge import formats, importer
 from medusaforge.formats import FormatWarning
 from medusaforge.heads import MedusaHeads, load_heads
 
@@ -254,7 +254,7 @@ def test_legacy_layout_reuses_base_lm_head(tmp_path):
     original_checkpoint(tmp_path / "legacy", num_heads=2, stated_heads=2, legacy=True)
     with pytest.raises(ValueError, match="legacy Medusa layout"):
         load_heads(tmp_path / "legacy")
-    tensors = formats.read_tensors(tmp_path / "legacy" / "medusa_lm_head.safetensors")
+    tensors = importer.read_tensors(tmp_path / "legacy" / "medusa_lm_head.safetensors")
     heads = formats.from_medusa(tensors, {}, vocab_size=VOCAB)
     assert heads.config.shared_lm_head and heads.config.vocab_size == VOCAB
 
@@ -295,7 +295,7 @@ def test_full_medusa2_model_folder_is_refused(tmp_path):
     raw.pop("model_type")
     (tmp_path / "plain" / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="full model"):
-        formats.detect_format(tmp_path / "plain")
+        importer.detect_format(tmp_path / "plain")
 
 
 def test_unknown_folder_gets_a_clear_message(tmp_path):
