@@ -221,10 +221,10 @@ def load_heads(
     """Load heads saved by `MedusaHeads.save`; with `base`, check they belong to it.
 
     Loading uses safetensors only, so no pickled code is ever executed. Folders in an engine's
-    layout (vLLM, original Medusa) are converted on load by formats.import_heads.
+    layout (vLLM, original Medusa) are converted on load by importer.import_heads.
     """
     directory = Path(directory)
-    from .formats import import_heads, is_medusaforge_folder
+    from .importer import import_heads, is_medusaforge_folder
 
     if not is_medusaforge_folder(directory):
         return import_heads(directory, base, allow_other_base)
