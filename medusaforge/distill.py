@@ -1,0 +1,165 @@
+"""`medusaforge distill`: let the base model write the assistant replies (self-distillation).
+
+Heads trained on the model's own replies learn what the model really says, which matters more for
+acceptance than anything else (on SmolLM2: 0.44 head-0 top-1 on own replies against 0.16 on
+human text). Prompts come from the user turns of a JSONL file or from the built-in `chitchat`
+source; replies are generated in batches (left padding), greedy by default.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import option
+from .data import read_conversations
+from .models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+
+BUILTIN_SOURCES = ("chitchat",)
+
+
+@dataclass
+class DistillConfig:
+    """Generate assistant replies with the base model and write ShareGPT JSONL."""
+
+    model: str = option(DEFAULT_MODEL, "base model: local HF folder, hub id, or the built-in smollm2-135m-instruct")
+    prompts: str = option("chitchat", "JSONL whose user turns are the prompts, or the built-in source 'chitchat'")
+    out: Path = option(Path("runs/distill.jsonl"), "output ShareGPT JSONL")
+    num_prompts: int = option(256, "how many prompts to use (0: all)")
+    skip_prompts: int = option(0, "skip this many prompts first (to make a disjoint held-out set)")
+    max_new_tokens: int = option(128, "maximum reply length in tokens")
+    batch_size: int = option(32, "prompts per generation batch")
+    temperature: float = option(0.0, "0 for greedy (default), otherwise sampling temperature")
+    min_prompt_chars: int = option(8, "skip prompts shorter than this many characters")
+    seed: int = option(0, "random seed (prompt order for chitchat, sampling)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = option("auto", "model dtype: auto (bf16 where the device runs it natively, else fp32), fp32 or bf16", choices=["auto", "fp32", "bf16"])
+    skip_invalid: bool = option(False, "skip bad records in --prompts instead of stopping")
+    overwrite: bool = option(False, "replace an existing --out file")
+    trust_remote_code: bool = option(False, "allow the model's own Python code from its folder")
+    progress: bool = option(True, "show a progress bar")
+
+
+def chitchat_prompts(min_chars: int, seed: int) -> list[list[dict]]:
+    """First messages of the chitchat-dataset conversations (real people opening a chat), shuffled."""
+    import importlib.util
+    import random
+
+    spec = importlib.util.find_spec("chitchat_dataset")
+    if spec is None:
+        raise RuntimeError("the 'chitchat' source needs the PyPI package chitchat-dataset (pip install chitchat-dataset)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
+    conversations = json.loads(path.read_text())
+    prompts = []
+    for key in sorted(conversations):
+        first_message = conversations[key]["messages"][0]
+        text = " ".join(utterance["text"].strip() for utterance in first_message).strip()
+        if len(text) >= min_chars:
+            prompts.append([{"role": "user", "content": text}])
+    random.Random(seed).shuffle(prompts)
+    return prompts
+
+
+def file_prompts(path: Path, skip_invalid: bool) -> list[list[dict]]:
+    """System + first user turn of each conversation (assistant turns, if any, are regenerated)."""
+    conversations, errors = read_conversations(path, skip_invalid=skip_invalid, require_assistant=False)
+    prompts = []
+    for conversation in conversations:
+        prompt = []
+        for message in conversation.messages:
+            prompt.append(message)
+            if message["role"] == "user":
+                break
+        prompts.append(prompt)
+    if errors:
+        print(f"distill: skipped {len(errors)} invalid records in {path}", file=sys.stderr)
+    return prompts
+
+
+@torch.no_grad()
+def generate_replies(base, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int, temperature: float, progress: bool = True) -> list[tuple[str, bool]]:
+    """Batched generation. Returns (reply text, finished at end-of-turn) per prompt, in order."""
+    tokenizer.padding_side = "left"  # decoder-only batches must be left-padded
+    rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    # Sorting by length keeps padding (wasted compute) small within each batch.
+    order = sorted(range(len(prompts)), key=lambda i: len(rendered[i]))
+    eos_ids = base.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
+    results: list[tuple[str, bool] | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), disable=not progress, desc="distill")
+    for start in range(0, len(order), batch_size):
+        batch_indices = order[start : start + batch_size]
+        encoded = tokenizer(
+            [rendered[i] for i in batch_indices], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(base.device)
+        generated = base.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=sorted(eos_ids),
+        )
+        new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+        for row, index in enumerate(batch_indices):
+            tokens = new_tokens[row].tolist()
+            finished = any(t in eos_ids for t in tokens)
+            if finished:
+                tokens = tokens[: next(j for j, t in enumerate(tokens) if t in eos_ids)]
+            results[index] = (tokenizer.decode(tokens, skip_special_tokens=True).strip(), finished)
+        bar.update(len(batch_indices))
+    bar.close()
+    return results  # type: ignore[return-value]
+
+
+def run(config: DistillConfig) -> Path:
+    out = Path(config.out)
+    if out.exists() and not config.overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+
+    if config.prompts in BUILTIN_SOURCES:
+        prompts = chitchat_prompts(config.min_prompt_chars, config.seed)
+    else:
+        prompts = file_prompts(Path(config.prompts), config.skip_invalid)
+    prompts = prompts[config.skip_prompts :]
+    if config.num_prompts:
+        prompts = prompts[: config.num_prompts]
+    if not prompts:
+        raise ValueError(f"{config.prompts}: no prompts left after --skip-prompts {config.skip_prompts}")
+
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    base = load_base_model(config.model, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code, check=False)
+    started = time.perf_counter()
+    replies = generate_replies(base, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.temperature, config.progress)
+    elapsed = time.perf_counter() - started
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.tmp")
+    num_written = num_finished = reply_tokens = 0
+    with open(staging, "w") as handle:
+        for prompt, (reply, finished) in zip(prompts, replies):
+            if not reply:
+                continue
+            turns = [{"from": "human" if m["role"] == "user" else m["role"], "value": m["content"]} for m in prompt]
+            turns.append({"from": "gpt", "value": reply})
+            handle.write(json.dumps({"conversations": turns, "finished": finished}) + "\n")
+            num_written += 1
+            num_finished += finished
+            reply_tokens += len(tokenizer(reply, add_special_tokens=False)["input_ids"])
+    staging.replace(out)  # atomic: a crash never leaves a half-written data file under the real name
+    print(
+        f"distill: wrote {num_written} conversations ({reply_tokens} reply tokens, {num_finished} ended at end-of-turn) "
+        f"to {out} in {elapsed:.0f}s ({reply_tokens / max(elapsed, 1e-9):.0f} tok/s)"
+    )
+    return out
