@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .heads import HeadsConfig
+from .models import BUILTIN_MODELS
 
 # Eval-JSON keys shown in the "Measured" table, with their labels; other numbers are listed after.
 EVAL_KEYS = {
@@ -67,6 +68,16 @@ def model_card(
     ]
     if config.base_fingerprint:
         lines.append(f"| base weights fingerprint | `{config.base_fingerprint}` |")
+    if base.lower() in BUILTIN_MODELS:
+        # Engines need a real folder; the built-in's weights are a dequantized GGUF, not the hub checkpoint.
+        lines += [
+            "",
+            f"`{base}` is medusaforge's built-in model: the heads were trained on its dequantized GGUF weights, "
+            "so engines must load the folder medusaforge converted it to, not the hub checkpoint. Print its path with "
+            f"`python -c \"from medusaforge.models import convert_builtin; print(convert_builtin('{base.lower()}'))\"` "
+            "and use that path wherever the commands below say "
+            f"`{base}`.",
+        ]
     lines += ["", "## Measured", ""] + _measured(eval_results)
     lines += ["", "## Serve with vLLM", ""] + _vllm_section(fmt, base, out_dir, k)
     lines += ["", "## Serve with TensorRT-LLM", ""] + _trtllm_section(fmt, base, out_dir, config)

@@ -171,3 +171,12 @@ def test_smollm2_shaped_heads_round_trip_bit_identical(fmt, tmp_path):
     hidden = torch.randn(1, 8, 576, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(heads(hidden), back(hidden))
+
+
+def test_model_card_for_the_builtin_base_points_engines_at_the_converted_folder():
+    from medusaforge.heads import HeadsConfig
+    from medusaforge.model_card import model_card
+
+    card = model_card(HeadsConfig(576, 49152, 4, 1, base_model="smollm2-135m-instruct"), "vllm", "out")
+    assert "convert_builtin('smollm2-135m-instruct')" in card
+    assert '"num_speculative_tokens": 4' in card
