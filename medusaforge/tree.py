@@ -23,12 +23,12 @@ import heapq
 import json
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 Path_ = tuple[int, ...]
+TREES_DIR = Path(__file__).parent / "trees"  # shipped as package data
 
 
 def normalise_paths(paths) -> list[Path_]:
@@ -178,7 +178,7 @@ def grow_tree(accuracies, num_nodes: int) -> list[list[int]]:
 def default_tree(num_heads: int) -> list[list[int]]:
     """The tree shipped for `num_heads` heads (medusaforge/trees/default_{n}heads.json)."""
     name = f"default_{min(max(num_heads, 1), 5)}heads.json"
-    text = resources.files("medusaforge").joinpath("trees", name).read_text()
+    text = (TREES_DIR / name).read_text()
     paths = _paths_from_json(json.loads(text), name)
     return [p for p in paths if len(p) <= num_heads]
 

@@ -1,0 +1,194 @@
+"""`medusaforge eval`: acceptance length and wall-clock speedup against plain greedy decoding.
+
+For every prompt the base model's own `generate(do_sample=False)` and the Medusa decoder run back
+to back in the same process, dtype and thread setting, after a warm-up of both. The outputs must be
+token-identical; a mismatch is reported with the base's logit margin at the first differing token,
+so a numerical near-tie (tree and one-token passes round differently in bf16) can be told apart
+from a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import config_to_dict, option
+from .decode import DecodeResult, medusa_generate
+from .generate import load_for_decoding, pick_tree, stop_token_ids
+from .models import DEFAULT_MODEL
+from .prompts import encode_prompt, load_prompts, prompt_text
+
+
+@dataclass
+class EvalConfig:
+    """Measure acceptance length and speedup of Medusa decoding against plain greedy decoding."""
+
+    model: str = option(DEFAULT_MODEL, "base model: built-in name, local folder or hub id")
+    heads: Path = option(Path("runs/demo/heads"), "heads folder (a train --out folder or its heads/ subfolder)")
+    prompts: str = option("mt-bench", "prompts file (.jsonl / .txt) or 'mt-bench' (the 80 first turns)")
+    limit: int = option(0, "use only the first N prompts (0 = all)")
+    max_new_tokens: int = option(128, "tokens to generate per prompt")
+    tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count")
+    dtype: str = option("auto", "bfloat16, float32 or auto (bfloat16 where the hardware supports it)", choices=["auto", "bfloat16", "float32", "float16"])
+    device: str = option("cpu", "torch device")
+    warmup_tokens: int = option(16, "tokens each decoder generates once before timing starts")
+    json: Path = option(Path("eval.json"), "where to write the results")
+    histogram: Path | None = option(None, "PNG histogram of accepted lengths (default: next to --json)")
+    allow_other_base: bool = option(False, "use heads trained against different base weights")
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be at least 1")
+
+
+def hf_greedy(base, input_ids: torch.Tensor, max_new_tokens: int, eos: list[int]) -> list[int]:
+    output = base.generate(
+        input_ids[None],
+        attention_mask=torch.ones_like(input_ids[None]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos[0] if eos else 0,
+    )
+    return output[0, len(input_ids) :].tolist()
+
+
+def head_acceptance(accepted: list[int], num_heads: int) -> dict[str, list[float]]:
+    """Per-head rates over verify steps. `rate[k]`: share of steps whose accepted path reached
+    depth k + 1; `conditional[k]`: the same among steps where head k - 1's candidate was accepted."""
+    steps = torch.tensor(accepted)
+    reached = [int((steps >= k).sum()) for k in range(num_heads + 1)]
+    rate = [reached[k + 1] / max(reached[0], 1) for k in range(num_heads)]
+    conditional = [reached[k + 1] / reached[k] if reached[k] else 0.0 for k in range(num_heads)]
+    return {"rate": rate, "conditional": conditional}
+
+
+@torch.inference_mode()
+def first_difference(base, input_ids: torch.Tensor, expected: list[int], got: list[int]) -> dict:
+    """Where two greedy outputs part, and how close the base's top two logits are there."""
+    index = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+    context = torch.cat([input_ids, torch.tensor(expected[:index], dtype=torch.long, device=input_ids.device)])
+    logits = base(input_ids=context[None]).logits[0, -1].float()
+    top2 = logits.topk(2)
+    record = {"index": index, "top2_margin": float(top2.values[0] - top2.values[1])}
+    for name, tokens in (("baseline", expected), ("medusa", got)):
+        token = tokens[index] if index < len(tokens) else None
+        record[f"{name}_token"] = token
+        record[f"{name}_logit"] = float(logits[token]) if token is not None else None
+    return record
+
+
+def write_histogram(accept_lengths: list[int], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed; no histogram written (pip install matplotlib)")
+        return False
+    figure, axis = plt.subplots(figsize=(6, 4))
+    bins = range(1, max(accept_lengths, default=1) + 2)
+    axis.hist(accept_lengths, bins=bins, align="left", rwidth=0.8)
+    axis.set_xlabel("tokens emitted per verify step")
+    axis.set_ylabel("verify steps")
+    axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def run(config: EvalConfig) -> dict:
+    tokenizer, base, heads = load_for_decoding(config.model, config.heads, config.dtype, config.device, config.allow_other_base)
+    tree = pick_tree(config.tree, heads.num_heads)
+    eos = stop_token_ids(tokenizer, base)
+    chats = load_prompts(config.prompts, config.limit)
+    encoded = [encode_prompt(tokenizer, chat).to(config.device) for chat in chats]
+    dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
+    print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, tree of {len(tree)} nodes", flush=True)
+
+    def medusa(ids, n) -> DecodeResult:
+        return medusa_generate(base, heads, ids, n, eos, tree)
+
+    hf_greedy(base, encoded[0], config.warmup_tokens, eos)  # warm-up: first calls allocate and pick kernels
+    medusa(encoded[0], config.warmup_tokens)
+
+    records, accepted, mismatches = [], [], []
+    baseline_seconds = medusa_seconds = 0.0
+    baseline_tokens = medusa_tokens = 0
+    for number, (chat, ids) in enumerate(zip(chats, encoded), start=1):
+        start = time.perf_counter()
+        expected = hf_greedy(base, ids, config.max_new_tokens, eos)
+        baseline_time = time.perf_counter() - start
+        start = time.perf_counter()
+        result = medusa(ids, config.max_new_tokens)
+        medusa_time = time.perf_counter() - start
+
+        identical = result.tokens == expected
+        baseline_seconds += baseline_time
+        medusa_seconds += medusa_time
+        baseline_tokens += len(expected)
+        medusa_tokens += len(result.tokens)
+        accepted += result.accepted
+        record = {
+            "prompt": prompt_text(chat),
+            "identical": identical,
+            "baseline_tokens": len(expected),
+            "medusa_tokens": len(result.tokens),
+            "verify_steps": result.num_steps,
+            "baseline_s": baseline_time,
+            "medusa_s": medusa_time,
+        }
+        if not identical:
+            difference = first_difference(base, ids, expected, result.tokens)
+            record["first_difference"] = difference
+            mismatches.append({"prompt": prompt_text(chat), **difference})
+        records.append(record)
+        step_mean = sum(result.accept_lengths) / max(result.num_steps, 1)
+        print(
+            f"[{number}/{len(chats)}] accept {step_mean:.2f}  greedy {len(expected) / baseline_time:.1f} tok/s  "
+            f"medusa {len(result.tokens) / medusa_time:.1f} tok/s  {'identical' if identical else 'MISMATCH'}",
+            flush=True,
+        )
+
+    accept_lengths = [a + 1 for a in accepted]
+    baseline_tps = baseline_tokens / baseline_seconds
+    medusa_tps = medusa_tokens / medusa_seconds
+    per_head = head_acceptance(accepted, heads.num_heads)
+    summary = {
+        "accept_length": sum(accept_lengths) / max(len(accept_lengths), 1),
+        "speedup": medusa_tps / baseline_tps,
+        "medusa_tokens_per_s": medusa_tps,
+        "baseline_tokens_per_s": baseline_tps,
+        "identical": not mismatches,
+        "num_identical": sum(r["identical"] for r in records),
+        "num_prompts": len(chats),
+        "per_head_acceptance": per_head["rate"],
+        "per_head_conditional_acceptance": per_head["conditional"],
+        "verify_steps": len(accepted),
+        "accept_length_histogram": {str(n): accept_lengths.count(n) for n in sorted(set(accept_lengths))},
+        "mismatches": mismatches,
+        "dtype": dtype,
+        "threads": torch.get_num_threads(),
+        "tree": tree,
+        "config": config_to_dict(config),
+        "prompts_detail": records,
+    }
+    config.json.parent.mkdir(parents=True, exist_ok=True)
+    config.json.write_text(json.dumps(summary, indent=2) + "\n")
+    histogram = config.histogram or config.json.with_suffix(".png")
+    title = f"accept length {summary['accept_length']:.2f} over {len(accepted)} steps"
+    if write_histogram(accept_lengths, histogram, title):
+        summary["histogram"] = str(histogram)
+    print(
+        f"accept length {summary['accept_length']:.2f}  per-head {[round(r, 3) for r in per_head['rate']]}\n"
+        f"greedy {baseline_tps:.1f} tok/s  medusa {medusa_tps:.1f} tok/s  speedup {summary['speedup']:.2f}x  "
+        f"identical {summary['num_identical']}/{len(chats)}\nwrote {config.json}",
+        flush=True,
+    )
+    return summary

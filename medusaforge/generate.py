@@ -1,0 +1,114 @@
+"""`medusaforge generate`: text from a prompt with Medusa tree decoding, plus the step statistics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import option
+from .decode import medusa_generate, prepare_heads
+from .heads import load_heads
+from .models import DEFAULT_MODEL, load_base_model, load_tokenizer
+from .prompts import encode_prompt, load_prompts
+from .tree import default_tree, load_tree
+
+
+@dataclass
+class GenerateConfig:
+    """Generate text with Medusa tree speculative decoding (greedy is lossless)."""
+
+    model: str = option(DEFAULT_MODEL, "base model: built-in name, local folder or hub id")
+    heads: Path = option(Path("runs/demo/heads"), "heads folder (a train --out folder or its heads/ subfolder)")
+    prompt: str = option("", "prompt text (rendered with the chat template)")
+    prompts: str = option("", "instead of --prompt: a prompts file (.jsonl / .txt) or 'mt-bench'")
+    limit: int = option(0, "with --prompts: use only the first N (0 = all)")
+    tree: Path | None = option(None, "tree JSON (a list of paths); default: the shipped tree for the head count")
+    max_new_tokens: int = option(128, "tokens to generate at most")
+    temperature: float = option(0.0, "0 = greedy (lossless); > 0 samples with typical acceptance")
+    typical_epsilon: float = option(0.09, "typical acceptance: hard threshold epsilon")
+    typical_alpha: float = option(0.3, "typical acceptance: entropy-scaled threshold alpha")
+    chat: bool = option(True, "render prompts with the tokenizer's chat template")
+    dtype: str = option("auto", "bfloat16, float32 or auto (bfloat16 where the hardware supports it)", choices=["auto", "bfloat16", "float32", "float16"])
+    device: str = option("cpu", "torch device")
+    seed: int = option(0, "random seed for sampling")
+    allow_other_base: bool = option(False, "use heads trained against different base weights")
+
+    def validate(self) -> None:
+        if not self.prompt and not self.prompts:
+            raise ValueError("give --prompt TEXT or --prompts FILE")
+        if self.max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be at least 1")
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """auto: bf16 on GPUs that have it and on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32.
+    Without native support bf16 matmuls are emulated and slower than fp32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def heads_folder(path: Path) -> Path:
+    """Accept a `train --out` folder as well as its heads/ subfolder."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "heads" / "config.json").is_file():
+        return path / "heads"
+    return path
+
+
+def load_for_decoding(model: str, heads: Path, dtype: str, device: str, allow_other_base: bool = False):
+    """-> (tokenizer, base, heads) ready for medusa_generate, all on one device and dtype."""
+    torch_dtype = resolve_dtype(dtype, device)
+    tokenizer = load_tokenizer(model)
+    base = load_base_model(model, dtype=torch_dtype, device=device)
+    loaded = load_heads(heads_folder(heads), base, allow_other_base=allow_other_base)
+    return tokenizer, base, prepare_heads(loaded, base)
+
+
+def stop_token_ids(tokenizer, base) -> list[int]:
+    """EOS of the tokenizer and of the model's generation config (which may hold several)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(t) for t in (configured if isinstance(configured, (list, tuple)) else [configured]))
+    return sorted(ids)
+
+
+def pick_tree(tree: Path | None, num_heads: int) -> list[list[int]]:
+    return load_tree(tree) if tree is not None else default_tree(num_heads)
+
+
+def run(config: GenerateConfig) -> None:
+    torch.manual_seed(config.seed)
+    tokenizer, base, heads = load_for_decoding(config.model, config.heads, config.dtype, config.device, config.allow_other_base)
+    tree = pick_tree(config.tree, heads.num_heads)
+    eos = stop_token_ids(tokenizer, base)
+    chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
+    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    for messages in chats:
+        input_ids = encode_prompt(tokenizer, messages, chat=config.chat).to(config.device)
+        start = time.perf_counter()
+        result = medusa_generate(
+            base, heads, input_ids, config.max_new_tokens, eos, tree,
+            temperature=config.temperature, typical_epsilon=config.typical_epsilon,
+            typical_alpha=config.typical_alpha, generator=generator,
+        )
+        seconds = time.perf_counter() - start
+        print(tokenizer.decode(result.tokens, skip_special_tokens=True))
+        accept = sum(result.accept_lengths) / max(result.num_steps, 1)
+        print(
+            f"[{len(result.tokens)} tokens in {result.num_steps} verify steps, accept length {accept:.2f}, "
+            f"{len(result.tokens) / seconds:.1f} tok/s, stopped by {result.stopped_by}]",
+            flush=True,
+        )
