@@ -13,8 +13,11 @@ EVAL_KEYS = {
     "accept_length": "mean accepted tokens per verify step (incl. the base model's own token)",
     "speedup": "speedup over plain greedy decoding (wall clock)",
     "num_prompts": "prompts measured",
-    "tokens_per_second": "tokens per second with Medusa",
-    "baseline_tokens_per_second": "tokens per second, plain greedy",
+    "medusa_tokens_per_s": "tokens per second with Medusa",
+    "baseline_tokens_per_s": "tokens per second, plain greedy",
+    "identical": "Medusa output identical to plain greedy on every prompt",
+    "per_head_acceptance": "acceptance rate of each head's token",
+    "dtype": "dtype measured in",
 }
 TRTLLM_EXAMPLE = "https://github.com/NVIDIA/TensorRT-LLM/tree/main/examples/medusa"
 
@@ -102,6 +105,8 @@ def _measured(results: dict | None) -> list[str]:
 
 
 def _number(value) -> str:
+    if isinstance(value, list):
+        return ", ".join(_number(v) for v in value)
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 

@@ -72,12 +72,13 @@ def test_export_cli_writes_engine_folder_that_loads_back_bit_identical(fmt, base
 def test_model_card_has_measurements_and_both_engines_commands(base, base_dir, tmp_path):
     _, heads_dir = trained_heads(base, base_dir, tmp_path)
     eval_json = tmp_path / "eval.json"
-    eval_json.write_text(json.dumps({"accept_length": 2.31, "speedup": 1.84, "num_prompts": 20}))
+    eval_json.write_text(json.dumps({"accept_length": 2.31, "speedup": 1.84, "num_prompts": 20, "identical": True,
+                                     "per_head_acceptance": [0.6, 0.3, 0.125], "prompts_detail": [{"x": 1}]}))
     out = tmp_path / "out"
     assert main(["export", "--heads", str(heads_dir), "--format", "medusa", "--out", str(out),
                  "--eval-json", str(eval_json), "--write-pt", "--data", "self-distilled UltraChat"]) == 0
     card = (out / "README.md").read_text()
-    for text in ("2.310", "1.840", "| 20 |", "self-distilled UltraChat", str(base_dir),
+    for text in ("2.310", "1.840", "| 20 |", "| True |", "0.600, 0.300, 0.125", "self-distilled UltraChat", str(base_dir),
                  f"--medusa_model_dir {out}", "--num_medusa_heads 3", "--speculative_decoding_mode medusa",
                  "--format vllm"):
         assert text in card, text
