@@ -64,11 +64,13 @@ def parse_record(record: object, where: str, require_assistant: bool = True) -> 
         if not isinstance(content, str):
             raise DataError(f"{where}: turn {index} content must be a string, got {type(content).__name__}")
         messages.append({"role": ROLE_NAMES[role.lower()], "content": content})
-    if require_assistant and not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no assistant turn")
+    if not messages:
+        raise DataError(f"{where}: empty conversation")
     first_non_system = next((m for m in messages if m["role"] != "system"), None)
     if first_non_system is None:
         raise DataError(f"{where}: only system turns")
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn")
     if first_non_system["role"] != "user":
         raise DataError(f"{where}: the first non-system turn must be a user turn")
     return Conversation(messages, where)

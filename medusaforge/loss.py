@@ -52,12 +52,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_size: int):
-        loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+        loss_sum = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         top1 = torch.zeros((), dtype=torch.long, device=x.device)
         top5 = torch.zeros((), dtype=torch.long, device=x.device)
         weight_cast = weight.to(x.dtype)
+        # Softmax statistics in at least fp32, even when the matmul runs in bf16.
+        accumulate = torch.promote_types(x.dtype, torch.float32)
         for start in range(0, x.shape[0], chunk_size):
-            logits = (x[start : start + chunk_size] @ weight_cast.T).float()  # [chunk, vocab]
+            logits = (x[start : start + chunk_size] @ weight_cast.T).to(accumulate)  # [chunk, vocab]
             chunk_targets = targets[start : start + chunk_size]
             loss_sum += F.cross_entropy(logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="sum")
             best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
@@ -73,12 +75,13 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_top1, _grad_top5):
         x, weight, targets = ctx.saved_tensors
         weight_cast = weight.to(x.dtype)
+        accumulate = torch.promote_types(x.dtype, torch.float32)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if ctx.needs_input_grad[1] else None
         for start in range(0, x.shape[0], ctx.chunk_size):
             chunk_x = x[start : start + ctx.chunk_size]
             chunk_targets = targets[start : start + ctx.chunk_size]
-            logits = (chunk_x @ weight_cast.T).float()
+            logits = (chunk_x @ weight_cast.T).to(accumulate)
             # d(sum CE)/d logits = softmax - one_hot, zero on ignored rows.
             grad_logits = torch.softmax(logits, dim=-1)
             valid = chunk_targets != IGNORE_INDEX
@@ -88,7 +91,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_x is not None:
                 grad_x[start : start + ctx.chunk_size] = grad_logits @ weight_cast
             if grad_weight is not None:
-                grad_weight += (grad_logits.T @ chunk_x).float()
+                grad_weight += (grad_logits.T @ chunk_x).to(accumulate)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_x, grad_weight, None, None

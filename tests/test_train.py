@@ -1,0 +1,87 @@
+"""The training loop end to end on a tiny model folder, through the real CLI entry point."""
+
+import json
+import random
+
+import pytest
+import torch
+from helpers import save_tiny_model, sharegpt, write_jsonl
+
+from medusaforge.cli import main
+from medusaforge.config import parse_config
+from medusaforge.heads import load_heads
+from medusaforge.train import TrainConfig, batch_schedule, cosine_with_warmup, split_examples
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def learnable_data(path, num_conversations=48, seed=0):
+    """Assistant replies walk a fixed cycle of words, so token t+2 is a function of token t."""
+    words = "the quick brown fox jumps over the lazy dog and then".split()
+    rng = random.Random(seed)
+    records = []
+    for _ in range(num_conversations):
+        start = rng.randrange(len(words))
+        reply = " ".join(words[(start + i) % len(words)] for i in range(18))
+        records.append(sharegpt(("human", f"Hello {rng.randrange(100)}"), ("gpt", reply)))
+    return write_jsonl(path, records)
+
+
+def test_loss_goes_down_and_head0_accuracy_goes_up(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
+    data = learnable_data(tmp_path / "data.jsonl")
+    out = tmp_path / "run"
+    argv = [
+        "train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out),
+        "--num-heads", "3", "--batch-size", "8", "--epochs", "8", "--lr", "3e-3", "--warmup-ratio", "0.1",
+        "--eval-fraction", "0.2", "--progress", "false", "--dtype", "fp32",
+    ]
+    assert main(argv) == 0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = metrics[0], metrics[-1]
+    assert last["loss"] < 0.5 * first["loss"]
+    assert last["head_top1"][0] > first["head_top1"][0] + 0.3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["held_out"]["top1"][0] > 0.5
+    assert len(summary["held_out"]["top1"]) == 3
+    # Trained heads (ResBlocks and projections) were saved, and they load against the same base.
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    heads = load_heads(out / "heads", base=base)
+    assert torch.count_nonzero(heads.heads[0].blocks[0].linear.weight) > 0
+    assert not torch.equal(heads.heads[0].lm_head.weight, base.lm_head.weight)
+    # A non-empty --out is refused without --overwrite/--resume, and nothing in it is touched.
+    before = (out / "summary.json").read_text()
+    assert main(argv) == 1
+    assert (out / "summary.json").read_text() == before
+
+
+def test_yaml_config_and_flags_map_onto_the_dataclass(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("num-heads: 5\nlr: 0.01\nhead_weights: [1, 0.5, 0.25, 0.1, 0.1]\ndata: x.jsonl\n")
+    config = parse_config(TrainConfig, ["--config", str(path), "--lr", "0.02"])
+    assert config.num_heads == 5 and config.lr == 0.02 and config.head_weights == [1, 0.5, 0.25, 0.1, 0.1]
+    path.write_text("num_heds: 5\n")
+    with pytest.raises(ValueError, match="unknown option 'num_heds'"):
+        parse_config(TrainConfig, ["--config", str(path)])
+
+
+def test_cosine_schedule_hand_worked():
+    values = [cosine_with_warmup(step, total_steps=10, warmup_steps=2, min_lr_ratio=0.0) for step in range(11)]
+    assert values[0] == pytest.approx(0.5) and values[1] == pytest.approx(1.0)
+    assert values[2] == pytest.approx(1.0)  # start of the cosine
+    assert values[6] == pytest.approx(0.5)  # half way through the 8 decay steps
+    assert values[10] == pytest.approx(0.0)
+
+
+def test_split_and_schedule_are_seeded_and_disjoint():
+    train, held_out = split_examples(20, 0.25, seed=3)
+    assert len(held_out) == 5 and not set(train) & set(held_out) and len(train) + len(held_out) == 20
+    assert split_examples(20, 0.25, seed=3) == (train, held_out)
+    batches = batch_schedule(train, 4, num_batches=9, seed=0)
+    assert sorted(sum(batches[:4], [])) == train  # the first epoch visits every training example once
+    assert batches == batch_schedule(train, 4, num_batches=9, seed=0)
