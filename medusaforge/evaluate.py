@@ -33,8 +33,8 @@ class EvalConfig:
     limit: int = option(0, "use only the first N prompts (0 = all)")
     max_new_tokens: int = option(128, "tokens to generate per prompt")
     tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count")
-    dtype: str = option("auto", "bfloat16, float32 or auto (bfloat16 where the hardware supports it)", choices=["auto", "bfloat16", "float32", "float16"])
-    device: str = option("cpu", "torch device")
+    dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
     warmup_tokens: int = option(16, "tokens each decoder generates once before timing starts")
     json: Path = option(Path("eval.json"), "where to write the results")
     histogram: Path | None = option(None, "PNG histogram of accepted lengths (default: next to --json)")
@@ -108,7 +108,7 @@ def run(config: EvalConfig) -> dict:
     tree = pick_tree(config.tree, heads.num_heads)
     eos = stop_token_ids(tokenizer, base)
     chats = load_prompts(config.prompts, config.limit)
-    encoded = [encode_prompt(tokenizer, chat).to(config.device) for chat in chats]
+    encoded = [encode_prompt(tokenizer, chat).to(base.device) for chat in chats]
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
     print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, tree of {len(tree)} nodes", flush=True)
 

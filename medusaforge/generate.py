@@ -11,7 +11,7 @@ import torch
 from .config import option
 from .decode import medusa_generate, prepare_heads
 from .heads import load_heads
-from .models import DEFAULT_MODEL, load_base_model, load_tokenizer
+from .models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from .prompts import encode_prompt, load_prompts
 from .tree import default_tree, load_tree
 
@@ -31,8 +31,8 @@ class GenerateConfig:
     typical_epsilon: float = option(0.09, "typical acceptance: hard threshold epsilon")
     typical_alpha: float = option(0.3, "typical acceptance: entropy-scaled threshold alpha")
     chat: bool = option(True, "render prompts with the tokenizer's chat template")
-    dtype: str = option("auto", "bfloat16, float32 or auto (bfloat16 where the hardware supports it)", choices=["auto", "bfloat16", "float32", "float16"])
-    device: str = option("cpu", "torch device")
+    dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
     seed: int = option(0, "random seed for sampling")
     allow_other_base: bool = option(False, "use heads trained against different base weights")
 
@@ -41,20 +41,6 @@ class GenerateConfig:
             raise ValueError("give --prompt TEXT or --prompts FILE")
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """auto: bf16 on GPUs that have it and on CPUs with native bf16 (AVX512-BF16 or AMX), else fp32.
-    Without native support bf16 matmuls are emulated and slower than fp32."""
-    if name != "auto":
-        return getattr(torch, name)
-    if str(device).startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
 def heads_folder(path: Path) -> Path:
@@ -67,9 +53,9 @@ def heads_folder(path: Path) -> Path:
 
 def load_for_decoding(model: str, heads: Path, dtype: str, device: str, allow_other_base: bool = False):
     """-> (tokenizer, base, heads) ready for medusa_generate, all on one device and dtype."""
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
     tokenizer = load_tokenizer(model)
-    base = load_base_model(model, dtype=torch_dtype, device=device)
+    base = load_base_model(model, dtype=torch_dtype, device=resolve_device(device))
     loaded = load_heads(heads_folder(heads), base, allow_other_base=allow_other_base)
     return tokenizer, base, prepare_heads(loaded, base)
 
@@ -95,9 +81,9 @@ def run(config: GenerateConfig) -> None:
     tree = pick_tree(config.tree, heads.num_heads)
     eos = stop_token_ids(tokenizer, base)
     chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
-    generator = torch.Generator(device=config.device).manual_seed(config.seed)
+    generator = torch.Generator(device=base.device).manual_seed(config.seed)
     for messages in chats:
-        input_ids = encode_prompt(tokenizer, messages, chat=config.chat).to(config.device)
+        input_ids = encode_prompt(tokenizer, messages, chat=config.chat).to(base.device)
         start = time.perf_counter()
         result = medusa_generate(
             base, heads, input_ids, config.max_new_tokens, eos, tree,

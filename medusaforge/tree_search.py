@@ -40,8 +40,8 @@ class TreeSearchConfig:
     sizes: list[int] = option([1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64], "tree sizes (candidate nodes) to time")
     repeats: int = option(5, "timed repetitions per size (the median is used)")
     measure_prompts: int = option(4, "prompts decoded with the chosen tree to check the expected acceptance (0 = skip)")
-    dtype: str = option("auto", "bfloat16, float32 or auto (bfloat16 where the hardware supports it)", choices=["auto", "bfloat16", "float32", "float16"])
-    device: str = option("cpu", "torch device")
+    dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
     out: Path = option(Path("tree.json"), "where to write the chosen tree")
     allow_other_base: bool = option(False, "use heads trained against different base weights")
 
@@ -108,7 +108,7 @@ def run(config: TreeSearchConfig) -> dict:
     tokenizer, base, heads = load_for_decoding(config.model, config.heads, config.dtype, config.device, config.allow_other_base)
     eos = stop_token_ids(tokenizer, base)
     chats = load_prompts(config.prompts, config.limit)
-    encoded = [encode_prompt(tokenizer, chat).to(config.device) for chat in chats]
+    encoded = [encode_prompt(tokenizer, chat).to(base.device) for chat in chats]
 
     print(f"tree: measuring head accuracy on {len(chats)} prompts x {config.calibration_tokens} greedy tokens", flush=True)
     hits = torch.zeros(heads.num_heads, config.max_rank)
@@ -140,7 +140,7 @@ def run(config: TreeSearchConfig) -> dict:
         row = rows[-1]
         print(f"{row['nodes']:>5} {row['depth']:>5} {expected:>9.2f} {step * 1000:>8.1f} {expected / step:>8.1f} {expected / step * plain:>9.2f}x", flush=True)
     best = max(rows, key=lambda r: r["expected_tokens_per_s"])
-    device_name = torch.cuda.get_device_name() if str(config.device).startswith("cuda") else f"cpu x{torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name() if base.device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     save_tree(
         best["paths"], config.out,
         num_nodes=best["nodes"], expected_accept_length=round(best["expected_accept_length"], 3),
