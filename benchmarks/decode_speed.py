@@ -1,0 +1,83 @@
+"""Decode speed, batch 1: HF greedy vs HF prompt-lookup vs Medusa (default tree, searched tree).
+
+Every method runs on the same prompts in one process, interleaved prompt by prompt after a warm-up,
+so the ratios are measured side by side under the same load. Usage:
+
+  python benchmarks/decode_speed.py --heads runs/demo/heads --tree tree.json --prompts mt-bench --limit 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from medusaforge.decode import medusa_generate
+from medusaforge.evaluate import hf_greedy
+from medusaforge.generate import load_for_decoding, stop_token_ids
+from medusaforge.prompts import encode_prompt, load_prompts
+from medusaforge.tree import default_tree, load_tree
+
+
+def hf_prompt_lookup(base, ids, max_new_tokens, eos, num_tokens):
+    out = base.generate(
+        ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=eos, pad_token_id=eos[0], prompt_lookup_num_tokens=num_tokens,
+    )
+    return out[0, len(ids) :].tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--heads", default="runs/demo/heads")
+    parser.add_argument("--tree", default=None, help="searched tree JSON (from `medusaforge tree`)")
+    parser.add_argument("--prompts", default="mt-bench")
+    parser.add_argument("--limit", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    tokenizer, base, heads = load_for_decoding(args.model, args.heads, args.dtype, args.device)
+    eos = stop_token_ids(tokenizer, base)
+    encoded = [encode_prompt(tokenizer, chat).to(base.device) for chat in load_prompts(args.prompts, args.limit)]
+    default = default_tree(heads.num_heads)
+    methods = {
+        "hf greedy": lambda ids, n: hf_greedy(base, ids, n, eos),
+        f"hf prompt lookup ({args.prompt_lookup_tokens})": lambda ids, n: hf_prompt_lookup(base, ids, n, eos, args.prompt_lookup_tokens),
+        f"medusa default tree ({len(default)} nodes)": lambda ids, n: medusa_generate(base, heads, ids, n, eos, default).tokens,
+    }
+    if args.tree:
+        searched = load_tree(args.tree)
+        methods[f"medusa searched tree ({len(searched)} nodes)"] = lambda ids, n: medusa_generate(base, heads, ids, n, eos, searched).tokens
+
+    for run in methods.values():  # warm-up
+        run(encoded[0], 16)
+    seconds = dict.fromkeys(methods, 0.0)
+    tokens = dict.fromkeys(methods, 0)
+    identical = dict.fromkeys(methods, 0)
+    for ids in encoded:
+        reference = None
+        for name, run in methods.items():
+            start = time.perf_counter()
+            out = run(ids, args.max_new_tokens)
+            seconds[name] += time.perf_counter() - start
+            tokens[name] += len(out)
+            reference = out if reference is None else reference
+            identical[name] += out == reference
+
+    dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
+    print(f"{len(encoded)} prompts ({args.prompts}), {args.max_new_tokens} new tokens, {dtype}, {torch.get_num_threads()} threads")
+    greedy_tps = tokens["hf greedy"] / seconds["hf greedy"]
+    print(f"| {'method':<34} | {'tokens':>6} | {'tok/s':>6} | {'vs greedy':>9} | identical to greedy |")
+    print(f"|{'-' * 36}|{'-' * 8}|{'-' * 8}|{'-' * 11}|{'-' * 21}|")
+    for name in methods:
+        tps = tokens[name] / seconds[name]
+        print(f"| {name:<34} | {tokens[name]:>6} | {tps:>6.1f} | {tps / greedy_tps:>8.2f}x | {identical[name]:>2}/{len(encoded):<16} |")
+
+
+if __name__ == "__main__":
+    main()
