@@ -56,11 +56,13 @@ def chitchat_prompts(min_chars: int, seed: int) -> list[list[dict]]:
         raise RuntimeError("the 'chitchat' source needs the PyPI package chitchat-dataset (pip install chitchat-dataset)")
     path = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
     conversations = json.loads(path.read_text())
-    prompts = []
+    prompts, seen = [], set()
     for key in sorted(conversations):
         first_message = conversations[key]["messages"][0]
         text = " ".join(utterance["text"].strip() for utterance in first_message).strip()
-        if len(text) >= min_chars:
+        # Openers like "hello!" repeat; duplicates would leak held-out prompts into training.
+        if len(text) >= min_chars and text.lower() not in seen:
+            seen.add(text.lower())
             prompts.append([{"role": "user", "content": text}])
     random.Random(seed).shuffle(prompts)
     return prompts
