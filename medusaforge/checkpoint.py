@@ -3,10 +3,12 @@
 Layout of `OUT/checkpoints/step-000120/`:
   heads/                      heads.safetensors + config.json (loadable on its own)
   optimizer.safetensors       every tensor of optimizer.state_dict()["state"]
-  training_state.json         step, scheduler state, param_groups, RNG states, anything extra
+  training_state.json         step, scheduler state, param_groups, RNG states (one per rank),
+                              and `extra` (data position, schedule, skipped-step count)
 
 The folder is built under a temporary name and renamed when complete, so a crash mid-save never
-leaves a checkpoint that loads; `COMPLETE` is written last as a second guard.
+leaves a checkpoint that loads; `COMPLETE` is written last as a second guard. Weights that are
+not finite are refused, so a NaN never reaches a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -41,27 +44,56 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _rng_state() -> dict:
-    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+def rng_state() -> dict:
+    """This process's RNG states as JSON-friendly values (torch CPU, CUDA, Python's `random`)."""
+    state = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": json.loads(json.dumps(random.getstate())),
+    }
     if torch.cuda.is_available():
         state["cuda"] = [base64.b64encode(s.cpu().numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()))
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(
             [torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy()) for s in state["cuda"]]
         )
 
 
-def save_checkpoint(directory: Path, heads, optimizer, scheduler, step: int, extra: dict | None = None) -> Path:
+def non_finite_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of parameters holding a NaN or inf (a CPU-GPU sync per parameter; only at save time)."""
+    return [name for name, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
+
+
+def save_checkpoint(
+    directory: Path,
+    heads,
+    optimizer,
+    scheduler,
+    step: int,
+    extra: dict | None = None,
+    rng_per_rank: list[dict] | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically. `rng_per_rank` holds every rank's `rng_state()`
+    (gathered by the caller under torchrun); by default, this process's."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    bad = non_finite_parameters(heads)
+    if bad:
+        raise RuntimeError(f"{directory}: not saved, the heads hold NaN/inf values ({', '.join(bad[:3])})")
+    rng_per_rank = rng_per_rank or [rng_state()]
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    except OSError as error:
+        raise OSError(f"{directory}: could not write checkpoint ({error}); the previous checkpoint is untouched") from error
     try:
         heads.save(staging / "heads")
         tensors, optimizer_meta = _optimizer_tensors(optimizer)
@@ -70,7 +102,8 @@ def save_checkpoint(directory: Path, heads, optimizer, scheduler, step: int, ext
             "step": step,
             "optimizer": optimizer_meta,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": _rng_state(),
+            "rng": rng_per_rank[0],
+            "rng_per_rank": rng_per_rank,
             "extra": extra or {},
         }
         (staging / "training_state.json").write_text(json.dumps(state, indent=1, default=str))
@@ -83,15 +116,24 @@ def save_checkpoint(directory: Path, heads, optimizer, scheduler, step: int, ext
     return directory
 
 
-def load_checkpoint(directory: Path, optimizer=None, scheduler=None, base=None, restore_rng: bool = True):
-    """Load (heads, state dict) from a checkpoint folder, restoring optimizer/scheduler/RNG in place."""
+def load_checkpoint(directory: Path, optimizer=None, scheduler=None, base=None, restore_rng: bool = True, rank: int = 0):
+    """Load (heads, state dict) from a checkpoint folder, restoring optimizer/scheduler/RNG in place.
+
+    Every file is checked before anything is restored, so a refused checkpoint leaves the
+    optimizer and scheduler as they were. Errors name the file.
+    """
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint folder")
     if not (directory / COMPLETE_MARKER).is_file():
         raise ValueError(f"{directory}: incomplete checkpoint (no {COMPLETE_MARKER} marker); it was not fully written")
+    state_path = directory / "training_state.json"
     try:
-        state = json.loads((directory / "training_state.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{directory / 'training_state.json'}: unreadable ({error})") from None
+        state = json.loads(state_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{state_path}: unreadable ({error})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("optimizer"), dict):
+        raise ValueError(f"{state_path}: not a medusaforge training state (needs 'step' and 'optimizer')")
     heads = load_heads(directory / "heads", base=base)
     if optimizer is not None:
         path = directory / "optimizer.safetensors"
@@ -103,11 +145,16 @@ def load_checkpoint(directory: Path, optimizer=None, scheduler=None, base=None, 
         for key, value in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
             param_id, name = key.split(".", 1)
             per_param.setdefault(int(param_id), {})[name] = value
-        optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+        try:
+            optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path}: optimizer state does not fit this run's heads ({error})") from None
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        _set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        # A resume on a different number of ranks reuses rank 0's state for the new ranks.
+        set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
     return heads, state
 
 
@@ -129,6 +176,27 @@ def prune_checkpoints(checkpoints_dir: Path, keep_last: int) -> None:
         return
     for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Keep metrics.jsonl lines up to `last_step` (the resumed checkpoint's step), so the file reads
+    as one uninterrupted run after a resume. Drops a torn last line. Returns the lines dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and int(record.get("step", 0)) <= last_step
+        except (json.JSONDecodeError, TypeError, ValueError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 def checkpoint_name(step: int) -> str:

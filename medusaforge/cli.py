@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"medusaforge {args.command}: error: {error}\n")
     try:
         run(config)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         # Expected user-facing failures (bad data, wrong heads, existing output) get one clear line.
         print(f"medusaforge {args.command}: error: {error}", file=sys.stderr)
         return 1

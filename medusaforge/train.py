@@ -3,6 +3,9 @@
 Medusa-1: the base model is frozen (eval mode, no grad); each step runs it once to get the final
 hidden states, then trains the heads on them. The loop is deliberately plain: build everything,
 then `for step in range(...)`: forward, loss, backward, clip, step, log, save.
+
+Under `torchrun` the same loop runs on every rank (see distributed.py): each rank takes its slice
+of every global micro-batch, DDP sums the heads' gradients, and only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -25,10 +28,25 @@ from .checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    rng_state,
     save_checkpoint,
+    truncate_metrics,
 )
 from .config import config_to_dict, option
 from .data import TokenizedData, collate, load_tokenized
+from .distributed import (
+    DistributedContext,
+    HeadsWithLoss,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    main_process_first,
+    placeholder_slice,
+    shard_frozen_base,
+    shutdown_distributed,
+    wrap_heads_for_ddp,
+)
 from .heads import MedusaHeads, load_heads
 from .loss import default_head_weights, medusa_head_losses
 from .models import (
@@ -56,7 +74,7 @@ class TrainConfig:
     head_weights: list[float] | None = option(None, "loss weight per head (default: decay**k)")
     head_weight_decay: float = option(0.8, "per-head loss weight decay used when --head-weights is not given")
     max_length: int = option(1024, "truncate each conversation to this many tokens")
-    batch_size: int = option(8, "conversations per micro-batch")
+    batch_size: int = option(8, "conversations per micro-batch, over all ranks (each torchrun rank takes its share)")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     epochs: float = option(1.0, "passes over the training split (fractions allowed)")
     max_steps: int | None = option(None, "stop after this many optimizer steps (overrides --epochs)")
@@ -80,7 +98,8 @@ class TrainConfig:
     resume: str | None = option(None, "resume from a checkpoint folder, or 'auto' for the newest in --out")
     trust_remote_code: bool = option(False, "allow the model's own Python code from its folder (off by default)")
     progress: bool = option(True, "show a progress bar")
-
+    skip_nonfinite: bool = option(False, "skip optimizer steps whose loss or gradient is NaN/inf (counted, reported) instead of stopping")
+    fsdp_base: bool = option(False, "under torchrun, shard the frozen base across ranks with FSDP2 (for bases too big for one device)")
     def validate(self) -> None:
         if self.data is None:
             raise ValueError("--data is required")
@@ -133,22 +152,61 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ra
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def prepare_output_dir(out: Path, overwrite: bool, resume: str | None) -> None:
+def refuse_to_overwrite(out: Path, overwrite: bool, resume: str | None) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise FileExistsError(f"{out} is not empty; pass --overwrite to write into it or --resume to continue")
+
+
+def prepare_output_dir(out: Path, overwrite: bool, resume: str | None) -> None:
+    refuse_to_overwrite(out, overwrite, resume)
     out.mkdir(parents=True, exist_ok=True)
 
 
+def find_resume_checkpoint(out: Path, resume: str) -> list[Path]:
+    """Checkpoints to try, best first: the named folder, or for 'auto' every complete one in
+    OUT/checkpoints, newest first (a damaged newest one falls back to the one before)."""
+    if resume != "auto":
+        return [Path(resume)]
+    return list(reversed(list_checkpoints(out / "checkpoints")))
+
+
+def schedule_fingerprint(config: "TrainConfig", num_train: int, total_steps: int) -> dict:
+    """What fixes the data order and LR schedule; a resume must match it to continue exactly."""
+    return {
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "total_steps": total_steps,
+        "train_conversations": num_train,
+    }
+
+
+def write_checkpoint(out: Path, step: int, heads, optimizer, scheduler, extra: dict, keep_last: int, context: DistributedContext) -> None:
+    """Every rank hands in its RNG state; rank 0 writes the folder and prunes old ones."""
+    rng_per_rank = all_gather_objects(rng_state(), context)
+    if context.is_main:
+        save_checkpoint(out / "checkpoints" / checkpoint_name(step), heads, optimizer, scheduler, step, extra, rng_per_rank)
+        prune_checkpoints(out / "checkpoints", keep_last)
+    barrier(context)
+
+
 @torch.no_grad()
-def evaluate_heads(heads, base, data: TokenizedData, indices: list[int], batch_size: int, pad_token_id: int, device, autocast, chunk_size: int) -> dict:
-    """Held-out per-head loss and top-1/top-5 accuracy over target (assistant) tokens."""
+def evaluate_heads(heads, base, data: TokenizedData, indices: list[int], batch_size: int, pad_token_id: int, device, autocast, chunk_size: int, context: DistributedContext | None = None) -> dict:
+    """Held-out per-head loss and top-1/top-5 accuracy over target (assistant) tokens.
+    Under torchrun each rank evaluates its slice of every batch and the sums are all-reduced."""
+    context = context or DistributedContext(device=torch.device(device))
     num_heads = heads.num_heads
     loss_total = torch.zeros(num_heads)
     top1 = torch.zeros(num_heads)
     top5 = torch.zeros(num_heads)
     counts = torch.zeros(num_heads)
     for start in range(0, len(indices), batch_size):
-        batch = collate([data.example(i) for i in indices[start : start + batch_size]], pad_token_id)
+        rank_indices, placeholder = placeholder_slice(indices[start : start + batch_size], context.rank, context.world_size)
+        batch = collate([data.example(i) for i in rank_indices], pad_token_id)
+        if placeholder:
+            batch["loss_mask"].zero_()
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
             hidden = final_hidden_states(base, batch["input_ids"], batch["attention_mask"])
@@ -157,6 +215,8 @@ def evaluate_heads(heads, base, data: TokenizedData, indices: list[int], batch_s
         top1 += result.top1.cpu()
         top5 += result.top5.cpu()
         counts += result.counts.cpu()
+    for total in (loss_total, top1, top5, counts):
+        all_reduce_sum(total, context)
     denominator = counts.clamp(min=1)
     return {
         "num_tokens": counts.tolist(),
@@ -167,22 +227,39 @@ def evaluate_heads(heads, base, data: TokenizedData, indices: list[int], batch_s
 
 
 def run(config: TrainConfig) -> dict:
+    context = init_distributed(resolve_device(config.device))
+    try:
+        return train(config, context)
+    finally:
+        shutdown_distributed(context)
+
+
+def train(config: TrainConfig, context: DistributedContext) -> dict:
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
+    device = context.device
     out = Path(config.out)
-    prepare_output_dir(out, config.overwrite, config.resume)
+    # Every rank checks before any rank writes, so all of them see the same folder and agree.
+    refuse_to_overwrite(out, config.overwrite, config.resume)
+    barrier(context)
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     autocast = autocast_for(device, config.dtype)
 
+    def log(message: str) -> None:
+        if context.is_main:
+            print(message, file=sys.stderr)
+
     # ---- base model (frozen) and data ----
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    base = load_base_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
-    base.requires_grad_(False)
-    data = load_tokenized(config.data, tokenizer, config.max_length, skip_invalid=config.skip_invalid)
+    # Rank 0 first: it converts a built-in model and tokenizes into the shared cache; the others reuse both.
+    with main_process_first(context):
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        base = load_base_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
+        base.requires_grad_(False)
+        data = load_tokenized(config.data, tokenizer, config.max_length, skip_invalid=config.skip_invalid, log=log)
     train_indices, eval_indices = split_examples(len(data), config.eval_fraction, config.seed)
-    print(
+    log(
         f"data: {len(data)} conversations ({len(train_indices)} train, {len(eval_indices)} held out), "
-        f"{data.num_loss_tokens()} assistant tokens, {data.num_invalid} invalid records skipped",
-        file=sys.stderr,
+        f"{data.num_loss_tokens()} assistant tokens, {data.num_invalid} invalid records skipped"
     )
 
     # ---- heads, optimizer, schedule ----
@@ -190,7 +267,7 @@ def run(config: TrainConfig) -> dict:
     if config.init_heads is not None:
         heads = load_heads(config.init_heads, base=base)
         if heads.num_heads != config.num_heads:
-            print(f"init heads: using {heads.num_heads} heads from {config.init_heads}", file=sys.stderr)
+            log(f"init heads: using {heads.num_heads} heads from {config.init_heads}")
     else:
         heads = MedusaHeads(
             lm_head_weight.shape[1],
@@ -216,70 +293,119 @@ def run(config: TrainConfig) -> dict:
     )
     micro_batches = batch_schedule(train_indices, config.batch_size, total_steps * config.grad_accum, config.seed)
 
-    start_step = 0
-    if config.resume:
-        if config.resume == "auto":
-            complete = list_checkpoints(out / "checkpoints")
-            if not complete:
-                raise FileNotFoundError(f"{out / 'checkpoints'}: no complete checkpoint to resume from")
-            checkpoint = complete[-1]
-        else:
-            checkpoint = Path(config.resume)
-        # The optimizer state maps onto parameters by position, so it can be loaded before the
-        # checkpoint's weights are copied into our (already registered) head parameters.
-        resumed, state = load_checkpoint(checkpoint, optimizer=optimizer, scheduler=scheduler, base=base)
-        heads.load_state_dict(resumed.state_dict())
-        start_step = state["step"]
-        print(f"resumed from {checkpoint} at step {start_step}", file=sys.stderr)
+    schedule = schedule_fingerprint(config, len(train_indices), total_steps)
 
-    (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-    metrics_file = open(out / "metrics.jsonl", "a" if config.resume else "w")
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not config.progress, desc="train")
+    start_step = 0
+    skipped_steps = 0  # optimizer steps skipped for a NaN/inf loss or gradient (--skip-nonfinite)
+    if config.resume:
+        candidates = find_resume_checkpoint(out, config.resume)
+        if not candidates:
+            log(f"resume auto: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
+        for checkpoint in candidates:
+            try:
+                # The optimizer state maps onto parameters by position, so it can be loaded before the
+                # checkpoint's weights are copied into our (already registered) head parameters.
+                resumed, state = load_checkpoint(checkpoint, optimizer, scheduler, base=base, rank=context.rank)
+            except ValueError as error:
+                if config.resume != "auto" or checkpoint == candidates[-1]:
+                    raise
+                log(f"resume auto: skipping damaged checkpoint: {error}")
+                continue
+            saved_schedule = state["extra"].get("schedule", schedule)
+            if saved_schedule != schedule:
+                changed = {k: (saved_schedule.get(k), v) for k, v in schedule.items() if saved_schedule.get(k) != v}
+                raise ValueError(f"{checkpoint}: was written by a run with a different data order or LR schedule "
+                                 f"(checkpoint, now): {changed}; an exact resume needs the same settings")
+            heads.load_state_dict(resumed.state_dict())
+            start_step = state["step"]
+            skipped_steps = int(state["extra"].get("skipped_nonfinite", 0))
+            log(f"resumed from {checkpoint} at step {start_step}")
+            break
+
+    # Frozen-base sharding comes after everything that reads the full base weights (lm_head copy,
+    # fingerprints in load_heads/load_checkpoint).
+    if config.fsdp_base:
+        shard_frozen_base(base, context)
+    heads_with_loss = wrap_heads_for_ddp(HeadsWithLoss(heads, medusa_head_losses, config.chunk_size), context)
+
+    metrics_path = out / "metrics.jsonl"
+    metrics_file = None
+    if context.is_main:
+        (out / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        if config.resume:
+            # Lines after the resumed step came from the crashed run; they are re-run and re-logged.
+            truncate_metrics(metrics_path, start_step)
+        metrics_file = open(metrics_path, "a" if config.resume else "w")
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+                    disable=not (config.progress and context.is_main), desc="train")
     heads.train()
     started = time.perf_counter()
     tokens_seen = 0
 
     # ---- the loop ----
     for step in progress:
-        batches = [
-            collate([data.example(i) for i in micro_batches[step * config.grad_accum + j]], tokenizer.pad_token_id)
-            for j in range(config.grad_accum)
-        ]
-        # Normalise by the target-token count of the whole optimizer step, so accumulation (and,
-        # later, data parallelism) gives exactly the loss of one big batch.
+        # This rank's slice of each global micro-batch of the step (all of it in a world of one).
+        batches = []
+        for j in range(config.grad_accum):
+            indices, placeholder = placeholder_slice(micro_batches[step * config.grad_accum + j], context.rank, context.world_size)
+            batch = collate([data.example(i) for i in indices], tokenizer.pad_token_id)
+            if placeholder:
+                batch["loss_mask"].zero_()
+            batches.append(batch)
+        # Normalise by the target-token count of the whole optimizer step over all ranks, so
+        # accumulation and data parallelism both give exactly the loss of one big batch.
         step_counts = torch.zeros(num_heads)
         for batch in batches:
             for k in range(num_heads):
                 step_counts[k] += (batch["loss_mask"][:, k + 2 :]).sum()
-        step_counts = step_counts.clamp(min=1)
+        step_counts = all_reduce_sum(step_counts, context).clamp(min=1)
 
-        loss_value = 0.0
+        loss_value = torch.zeros((), dtype=torch.float64)
         head_loss = torch.zeros(num_heads)
         head_top1 = torch.zeros(num_heads)
         head_top5 = torch.zeros(num_heads)
-        for batch in batches:
+        for j, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast:
-                with torch.no_grad():
-                    hidden = final_hidden_states(base, batch["input_ids"], batch["attention_mask"])
-                result = medusa_head_losses(heads, hidden, batch["input_ids"], batch["loss_mask"], config.chunk_size)
-                loss = sum(head_weights[k] * result.loss_sums[k] / step_counts[k] for k in range(num_heads))
-            loss.backward()
-            loss_value += float(loss.detach())  # a host-device sync; once per micro-batch is fine
+            # DDP all-reduces gradients during backward; only the step's last micro-batch needs it.
+            last = j == len(batches) - 1
+            with nullcontext() if last or not context.enabled else heads_with_loss.no_sync():
+                with autocast:
+                    with torch.no_grad():
+                        hidden = final_hidden_states(base, batch["input_ids"], batch["attention_mask"])
+                    result = heads_with_loss(hidden, batch["input_ids"], batch["loss_mask"])
+                    loss = sum(head_weights[k] * result.loss_sums[k] / step_counts[k] for k in range(num_heads))
+                # This rank's loss is its share of the global loss and DDP averages gradients over
+                # ranks, so scale by world_size to get the gradient of the global sum.
+                (loss * context.world_size).backward()
+            loss_value += loss.detach().double().cpu()  # a host-device sync; once per micro-batch is fine
             head_loss += torch.stack([s.detach().float().cpu() for s in result.loss_sums]) / step_counts
             head_top1 += result.top1.cpu() / step_counts
             head_top5 += result.top5.cpu() / step_counts
             tokens_seen += int(batch["attention_mask"].sum())
+        # Shares of global means summed over ranks are the global means (one all-reduce per step).
+        step_stats = all_reduce_sum(torch.cat([loss_value.view(1), head_loss.double(), head_top1.double(), head_top5.double()]), context)
+        loss_value = float(step_stats[0])
+        head_loss, head_top1, head_top5 = step_stats[1:].float().view(3, num_heads)
 
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f"step {step}: loss is {loss_value}; stopping before the heads are damaged (no checkpoint written)")
+        # After DDP's all-reduce every rank has the same gradients, norm and loss, so all take the same branch.
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        scheduler.step()
+        finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
+        if not finite and not config.skip_nonfinite:
+            raise RuntimeError(
+                f"step {step + 1}: loss {loss_value}, gradient norm {float(grad_norm)}: not finite; stopped before "
+                f"the heads were updated. The checkpoints in {out / 'checkpoints'} are intact; resume from them, "
+                "lower --lr, or pass --skip-nonfinite to skip such steps"
+            )
+        if finite:
+            optimizer.step()
+        else:
+            skipped_steps += 1
+            log(f"step {step + 1}: loss {loss_value}, gradient norm {float(grad_norm)}: not finite, step skipped ({skipped_steps} so far)")
+        scheduler.step()  # the schedule follows the step number (= data position) even over skipped steps
         optimizer.zero_grad(set_to_none=True)
 
         progress.set_postfix(loss=f"{loss_value:.3f}", acc0=f"{head_top1[0]:.3f}")
-        if (step + 1) % config.log_every == 0 or step + 1 == total_steps:
+        if context.is_main and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
             record = {
                 "step": step + 1,
                 "loss": loss_value,
@@ -288,23 +414,28 @@ def run(config: TrainConfig) -> dict:
                 "head_loss": head_loss.tolist(),
                 "head_top1": head_top1.tolist(),
                 "head_top5": head_top5.tolist(),
-                "tokens_per_s": tokens_seen / (time.perf_counter() - started),
+                "skipped": not finite,
+                "tokens_per_s": tokens_seen * context.world_size / (time.perf_counter() - started),
             }
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+        extra = {"data_position": (step + 1) * config.grad_accum, "world_size": context.world_size,
+                 "schedule": schedule, "skipped_nonfinite": skipped_steps}
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            save_checkpoint(out / "checkpoints" / checkpoint_name(step + 1), heads, optimizer, scheduler, step + 1)
-            prune_checkpoints(out / "checkpoints", config.keep_last)
-    metrics_file.close()
+            write_checkpoint(out, step + 1, heads, optimizer, scheduler, extra, config.keep_last, context)
+    if metrics_file is not None:
+        metrics_file.close()
     elapsed = time.perf_counter() - started
 
     # ---- save and evaluate ----
-    save_checkpoint(out / "checkpoints" / checkpoint_name(total_steps), heads, optimizer, scheduler, total_steps)
-    prune_checkpoints(out / "checkpoints", config.keep_last)
-    heads.save(out / "heads")
+    extra = {"data_position": total_steps * config.grad_accum, "world_size": context.world_size,
+             "schedule": schedule, "skipped_nonfinite": skipped_steps}
+    write_checkpoint(out, total_steps, heads, optimizer, scheduler, extra, config.keep_last, context)
+    if context.is_main:
+        heads.save(out / "heads")
     heads.eval()
     held_out = (
-        evaluate_heads(heads, base, data, eval_indices, config.batch_size, tokenizer.pad_token_id, device, autocast, config.chunk_size)
+        evaluate_heads(heads, base, data, eval_indices, config.batch_size, tokenizer.pad_token_id, device, autocast, config.chunk_size, context)
         if eval_indices
         else None
     )
@@ -318,9 +449,15 @@ def run(config: TrainConfig) -> dict:
         "eval_conversations": len(eval_indices),
         "train_seconds": round(elapsed, 1),
         "invalid_records_skipped": data.num_invalid,
+        "nonfinite_steps_skipped": skipped_steps,
+        "world_size": context.world_size,
         "held_out": held_out,
     }
+    if not context.is_main:
+        return summary
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if skipped_steps:
+        print(f"warning: {skipped_steps} of {total_steps} steps were skipped for a NaN/inf loss or gradient", file=sys.stderr)
     if held_out is not None:
         figures = "  ".join(
             f"head{k}: top1={held_out['top1'][k]:.3f} top5={held_out['top5'][k]:.3f}" for k in range(num_heads)
