@@ -100,6 +100,22 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
     skip_nonfinite: bool = option(False, "skip optimizer steps whose loss or gradient is NaN/inf (counted, reported) instead of stopping")
     fsdp_base: bool = option(False, "under torchrun, shard the frozen base across ranks with FSDP2 (for bases too big for one device)")
+    # ---- Medusa-2 (medusa2.py): the base trains with the heads ----
+    mode: str = option("medusa1", "medusa1: frozen base, heads only; medusa2: base (LoRA or full) and heads jointly", choices=["medusa1", "medusa2"])
+    base_train: str = option("lora", "medusa2: train the base through LoRA adapters or fully (full keeps a teacher copy in memory)", choices=["lora", "full"])
+    base_loss: str = option("distill", "medusa2: L_base = KL from the original model (distill) or cross entropy on the data (ce)", choices=["distill", "ce"])
+    base_weight: float = option(1.0, "medusa2: weight of L_base")
+    heads_weight: float = option(0.2, "medusa2: peak weight of the summed head losses")
+    heads_weight_schedule: str = option("sine", "medusa2: heads-weight warm-up (constant, linear, sine)", choices=["constant", "linear", "sine"])
+    heads_weight_warmup_ratio: float = option(0.5, "medusa2: fraction of steps over which the heads weight warms up")
+    heads_lr_multiplier: float = option(4.0, "medusa2: heads lr = --lr * this (--lr is the base's lr)")
+    lora_rank: int = option(16, "medusa2: LoRA rank")
+    lora_alpha: float = option(32.0, "medusa2: LoRA alpha (scale alpha / rank)")
+    lora_dropout: float = option(0.05, "medusa2: LoRA dropout")
+    lora_target_modules: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "medusa2: module names that get LoRA adapters")
+    merge: bool = option(False, "medusa2: also save the base with adapters merged into OUT/merged (loadable with --model)")
+    quality_data: Path | None = option(None, "medusa2: held-out chat JSONL for the base-quality guard (default: the held-out split)")
+
     def validate(self) -> None:
         if self.data is None:
             raise ValueError("--data is required")
@@ -111,6 +127,10 @@ class TrainConfig:
             raise ValueError("--eval-fraction must be in [0, 1)")
         if self.batch_size < 1 or self.grad_accum < 1 or self.chunk_size < 1:
             raise ValueError("--batch-size, --grad-accum and --chunk-size must be >= 1")
+        if self.mode == "medusa2":
+            from .medusa2 import validate_medusa2_options
+
+            validate_medusa2_options(self)
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -227,6 +247,10 @@ def evaluate_heads(heads, base, data: TokenizedData, indices: list[int], batch_s
 
 
 def run(config: TrainConfig) -> dict:
+    if config.mode == "medusa2":
+        from .medusa2 import run_medusa2  # its own recipe, top to bottom
+
+        return run_medusa2(config)
     context = init_distributed(resolve_device(config.device))
     try:
         return train(config, context)

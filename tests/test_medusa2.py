@@ -1,0 +1,233 @@
+"""Medusa-2: heads-weight schedules, the chunked KL, LoRA student/teacher, merging, and the recipe
+end to end (two stages through the CLI) on a tiny random model."""
+
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import save_tiny_model, sharegpt, tiny_llama, tiny_tokenizer, write_jsonl
+from torch.nn import functional as F
+
+from medusaforge.cli import main
+from medusaforge.config import parse_config
+from medusaforge.heads import load_heads
+from medusaforge.medusa2 import base_loss_sum, make_lora_student, make_teacher
+from medusaforge.medusa2_loss import heads_weight_at, linear_kl_divergence
+from medusaforge.models import base_fingerprint, final_hidden_states
+from medusaforge.train import TrainConfig
+
+LORA_TARGETS = ["q_proj", "v_proj", "gate_proj"]
+
+
+def lora_options(rank=4, targets=LORA_TARGETS):
+    return SimpleNamespace(lora_rank=rank, lora_alpha=8.0, lora_dropout=0.0, lora_target_modules=targets)
+
+
+def randomise_lora_b(model, seed=1):
+    """peft starts lora_B at zero (adapters are a no-op); give them values so they matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+# ---- pure maths ------------------------------------------------------------------------------
+
+
+def test_heads_weight_schedules_hand_worked():
+    # 10 steps, warm-up over half of them (5 steps), peak 0.2.
+    constant = [heads_weight_at(s, 10, 0.2, "constant", 0.5) for s in range(10)]
+    assert constant == [0.2] * 10
+    linear = [heads_weight_at(s, 10, 0.2, "linear", 0.5) for s in range(10)]
+    assert linear == pytest.approx([0.0, 0.04, 0.08, 0.12, 0.16, 0.2, 0.2, 0.2, 0.2, 0.2])
+    sine = [heads_weight_at(s, 10, 0.2, "sine", 0.5) for s in range(10)]
+    # 0.2 * sin(pi/2 * s/5): sin 18 deg = 0.309017, sin 36 = 0.587785, sin 54 = 0.809017, sin 72 = 0.951057
+    assert sine == pytest.approx([0.0, 0.0618034, 0.117557, 0.1618034, 0.1902113, 0.2, 0.2, 0.2, 0.2, 0.2], abs=1e-6)
+    # No warm-up: every schedule is the peak from step 0.
+    assert heads_weight_at(0, 10, 0.2, "sine", 0.0) == 0.2 and heads_weight_at(0, 10, 0.2, "linear", 0.0) == 0.2
+    with pytest.raises(ValueError, match="schedule"):
+        heads_weight_at(0, 10, 0.2, "cosine", 0.5)
+
+
+def test_chunked_kl_matches_materialised_kl_and_its_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    teacher_x, teacher_weight = torch.randn(7, 16), torch.randn(50, 16)
+    reference = F.kl_div(
+        F.log_softmax(x @ weight.T, -1), F.log_softmax(teacher_x @ teacher_weight.T, -1), log_target=True, reduction="sum"
+    )
+    reference.backward()
+    expected_grads = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    chunked = linear_kl_divergence(x, weight, teacher_x, teacher_weight, chunk_size=3)
+    (2.0 * chunked).backward()
+    assert chunked.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(x.grad, 2.0 * expected_grads[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(weight.grad, 2.0 * expected_grads[1], rtol=1e-4, atol=1e-5)
+    # The same distribution on both sides: exactly zero.
+    assert linear_kl_divergence(teacher_x, teacher_weight, teacher_x, teacher_weight).item() == 0.0
+
+
+# ---- LoRA student and teacher ------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_setup():
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, len(tokenizer), (2, 12), generator=generator)
+    return tokenizer, model, input_ids
+
+
+def test_lora_teacher_is_the_original_model_bit_for_bit(tiny_setup):
+    _, model, input_ids = tiny_setup
+    with torch.no_grad():
+        original_logits = model(input_ids=input_ids).logits
+        original_hidden = final_hidden_states(model, input_ids)
+    peft_model = make_lora_student(model, lora_options())
+    randomise_lora_b(peft_model)
+    teacher = make_teacher(model, peft_model, "lora")
+    teacher_hidden, teacher_weight = teacher(input_ids, None)
+    assert torch.equal(teacher_hidden, original_hidden)
+    assert torch.equal(teacher_hidden @ teacher_weight.T, original_logits)
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=input_ids).logits, original_logits)  # the adapters are on again
+
+
+def test_kl_term_is_zero_at_step_0(tiny_setup):
+    _, model, input_ids = tiny_setup
+    peft_model = make_lora_student(model, lora_options())  # lora_B starts at zero
+    peft_model.train()
+    teacher = make_teacher(model, peft_model, "lora")
+    loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    hidden = final_hidden_states(model, input_ids)
+    kl = base_loss_sum(model, hidden, input_ids, loss_mask, None, "distill", teacher, chunk_size=5)
+    assert kl.item() == 0.0
+    kl.backward()  # and it is connected to the adapters (zero gradient, but a gradient)
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_A" in n)
+
+
+def test_lora_trains_only_adapter_weights(tiny_setup):
+    _, model, _ = tiny_setup
+    peft_model = make_lora_student(model, lora_options())
+    trainable = [name for name, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
+    assert {n.split(".")[-4] for n in trainable} == set(LORA_TARGETS)
+
+
+def test_merge_then_load_gives_the_adapters_on_logits(tiny_setup, tmp_path):
+    _, model, input_ids = tiny_setup
+    peft_model = make_lora_student(model, lora_options())
+    randomise_lora_b(peft_model)
+    peft_model.eval()
+    with torch.no_grad():
+        adapters_on = model(input_ids=input_ids).logits
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=input_ids).logits, adapters_on, rtol=1e-5, atol=1e-5)
+    assert base_fingerprint(loaded) == base_fingerprint(merged)
+
+
+# ---- the recipe through the CLI ---------------------------------------------------------------
+
+
+def learnable_data(path, num_conversations=40, seed=0):
+    words = "the quick brown fox jumps over the lazy dog and then".split()
+    rng = random.Random(seed)
+    records = []
+    for _ in range(num_conversations):
+        start = rng.randrange(len(words))
+        reply = " ".join(words[(start + i) % len(words)] for i in range(14))
+        records.append(sharegpt(("human", f"Hello {rng.randrange(100)}"), ("gpt", reply)))
+    return write_jsonl(path, records)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def common_args(model_dir, data, out):
+    return [
+        "train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--num-heads", "2",
+        "--batch-size", "8", "--eval-fraction", "0.2", "--progress", "false", "--dtype", "fp32",
+    ]
+
+
+def test_two_stage_recipe_lora_distill_with_merge(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
+    from transformers import AutoModelForCausalLM
+
+    data = learnable_data(tmp_path / "data.jsonl")
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    assert main(common_args(tiny_model_dir, data, stage1) + ["--max-steps", "4", "--lr", "3e-3"]) == 0
+    argv = common_args(tiny_model_dir, data, stage2) + [
+        "--mode", "medusa2", "--init-heads", str(stage1 / "heads"), "--max-steps", "4", "--lr", "1e-2",
+        "--lora-rank", "4", "--lora-target-modules", *LORA_TARGETS, "--heads-weight-schedule", "linear", "--merge",
+    ]
+    assert main(argv) == 0
+
+    summary = json.loads((stage2 / "summary.json").read_text())
+    quality = summary["base_quality"]
+    assert quality["num_tokens"] > 0 and math.isfinite(quality["perplexity_after"])
+    assert 0.0 <= quality["greedy_changed_fraction"] <= 1.0
+    metrics = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["heads_weight"] == 0.0 and metrics[0]["base_loss"] == 0.0  # KL of the untouched base
+    assert metrics[0]["lr_heads"] == pytest.approx(4 * metrics[0]["lr_base"])
+
+    # Only the adapted modules' weights moved; norms, embeddings and lm_head are the original ones.
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(stage2 / "merged")
+    original_state, merged_state = original.state_dict(), merged.state_dict()
+    assert original_state.keys() == merged_state.keys()
+    changed = {name for name in original_state if not torch.equal(original_state[name], merged_state[name])}
+    assert changed and all(any(f".{t}." in name for t in LORA_TARGETS) for name in changed)
+    assert (stage2 / "adapter" / "adapter_config.json").is_file()
+    assert (stage2 / "merged" / "tokenizer_config.json").is_file()
+
+    # The heads moved from stage 1, belong to the merged base, and refuse the original one.
+    stage1_heads = load_heads(stage1 / "heads", base=original)
+    heads = load_heads(stage2 / "heads", base=merged)
+    assert not torch.equal(heads.heads[0].lm_head.weight, stage1_heads.heads[0].lm_head.weight)
+    with pytest.raises(ValueError, match="different base weights"):
+        load_heads(stage2 / "heads", base=original)
+
+
+@pytest.mark.parametrize("base_loss", ["distill", "ce"])
+def test_full_fine_tuning_saves_the_base_and_matching_heads(tmp_path, tiny_model_dir, monkeypatch, base_loss):
+    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
+    from transformers import AutoModelForCausalLM
+
+    data = learnable_data(tmp_path / "data.jsonl", num_conversations=20)
+    out = tmp_path / "full"
+    argv = common_args(tiny_model_dir, data, out) + [
+        "--mode", "medusa2", "--base-train", "full", "--base-loss", base_loss, "--max-steps", "2", "--lr", "1e-3",
+        "--heads-weight-schedule", "constant",
+    ]
+    assert main(argv) == 0
+    assert not (out / "adapter").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    load_heads(out / "heads", base=merged)  # the fingerprint matches the saved base
+    assert json.loads((out / "summary.json").read_text())["base_loss"] == base_loss
+
+
+def test_medusa2_options_are_validated(tmp_path):
+    assert parse_config(TrainConfig, ["--data", "x.jsonl"]).mode == "medusa1"
+    with pytest.raises(ValueError, match="resume"):
+        parse_config(TrainConfig, ["--data", "x.jsonl", "--mode", "medusa2", "--resume", "auto"])
+    with pytest.raises(ValueError, match="lm_head"):
+        parse_config(TrainConfig, ["--data", "x.jsonl", "--mode", "medusa2", "--lora-target-modules", "q_proj", "lm_head"])
+    path = tmp_path / "m2.yaml"
+    path.write_text("mode: medusa2\nbase_train: partial\ndata: x.jsonl\n")
+    with pytest.raises(ValueError, match="base-train"):
+        parse_config(TrainConfig, ["--config", str(path)])
