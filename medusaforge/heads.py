@@ -110,6 +110,7 @@ class MedusaHeads(nn.Module):
         )
         # Base lm_head weight used when shared_lm_head is on; a buffer-like reference, never saved.
         self.shared_weight: torch.Tensor | None = None
+        self._shared_rows: tuple | None = None  # (shared_weight, token_map state, its rows) with a truncated vocabulary
         if head_vocab_size is not None and head_vocab_size != vocab_size:
             self.register_buffer("token_map", torch.arange(head_vocab_size, dtype=torch.long))
         else:
@@ -149,7 +150,16 @@ class MedusaHeads(nn.Module):
         if self.config.shared_lm_head:
             if self.shared_weight is None:
                 raise RuntimeError("shared_lm_head heads need init_from_base(base lm_head weight) before use")
-            return self.shared_weight
+            if self.token_map is None:
+                return self.shared_weight
+            # Truncated vocabulary: the token_map rows of the base lm_head, gathered once and
+            # re-gathered only when the shared weight or the map changes (decoding calls this per step).
+            map_state = (self.token_map._version, self.token_map.device)
+            cached = self._shared_rows
+            if cached is None or cached[0] is not self.shared_weight or cached[1] != map_state:
+                rows = self.shared_weight[self.token_map.to(self.shared_weight.device)]
+                self._shared_rows = cached = (self.shared_weight, map_state, rows)
+            return cached[2]
         return self.heads[head_index].lm_head.weight
 
     def transform(self, hidden: torch.Tensor, head_index: int) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Head k at position t is trained on token t+k+2, and only where that *target* token is an
 assistant token. The loss is computed per head from the selected positions' hidden states and
-the head's projection weight, in chunks of tokens, by a custom autograd function that recomputes
-each chunk's logits in backward. Peak extra memory is one chunk's logits, not
+the head's projection weight, in chunks of tokens, by a custom autograd function that computes
+each chunk's gradients while its logits are at hand. Peak extra memory is one chunk's logits, not
 [num_heads, batch, seq, vocab].
 """
 
@@ -47,62 +47,96 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(x @ weight.T, targets), plus top-1/top-5 hit counts.
 
     x: [N, hidden], weight: [vocab, hidden], targets: [N] (IGNORE_INDEX rows contribute nothing).
-    Forward keeps only x, weight and targets; backward recomputes each chunk's logits.
+
+    The loss is a sum, so its gradient is known up to one scalar (grad_loss) while the chunk's
+    logits are still at hand: forward computes d(loss)/dx and d(loss)/dweight chunk by chunk and
+    backward only scales them. That is the same number of matmuls as the plain computation (no
+    recomputation), and peak extra memory is one chunk's logits plus the gradient buffers
+    (x-sized, and weight-sized only when the weight trains).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size: int):
-        loss_sum = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    def forward(ctx, x, weight, targets, chunk_size: int, grad_x_needed: bool, grad_weight_needed: bool):
+        # Softmax statistics in at least fp32, even when the matmul runs in bf16.
+        accumulate = torch.promote_types(x.dtype, torch.float32)
+        loss_sum = torch.zeros((), dtype=accumulate, device=x.device)
         top1 = torch.zeros((), dtype=torch.long, device=x.device)
         top5 = torch.zeros((), dtype=torch.long, device=x.device)
         weight_cast = weight.to(x.dtype)
-        # Softmax statistics in at least fp32, even when the matmul runs in bf16.
-        accumulate = torch.promote_types(x.dtype, torch.float32)
+        grad_x = torch.empty_like(x) if grad_x_needed else None
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if grad_weight_needed else None
         for start in range(0, x.shape[0], chunk_size):
-            logits = (x[start : start + chunk_size] @ weight_cast.T).to(accumulate)  # [chunk, vocab]
+            chunk_x = x[start : start + chunk_size]
             chunk_targets = targets[start : start + chunk_size]
-            loss_sum += F.cross_entropy(logits, chunk_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            logits = (chunk_x @ weight_cast.T).to(accumulate)  # [chunk, vocab]
+            valid = chunk_targets != IGNORE_INDEX
+            rows = torch.arange(len(chunk_targets), device=x.device)[valid]
+            safe_targets = chunk_targets[valid]
             best = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            hits = best == chunk_targets.unsqueeze(-1)
+            hits = (best == chunk_targets.unsqueeze(-1)) & valid.unsqueeze(-1)
             top1 += hits[:, 0].sum()
             top5 += hits.any(-1).sum()
-        ctx.save_for_backward(x, weight, targets)
-        ctx.chunk_size = chunk_size
+            log_normaliser = torch.logsumexp(logits, dim=-1)  # [chunk]
+            loss_sum += (log_normaliser[valid] - logits[rows, safe_targets]).sum()
+            if grad_x is None and grad_weight is None:
+                continue
+            # d(sum CE)/d logits = softmax - one_hot, zero on ignored rows; computed in place.
+            grad_logits = logits.sub_(log_normaliser.unsqueeze(-1)).exp_()
+            grad_logits[rows, safe_targets] -= 1.0
+            grad_logits[~valid] = 0.0
+            grad_logits = grad_logits.to(x.dtype)
+            if grad_x is not None:
+                grad_x[start : start + chunk_size] = grad_logits @ weight_cast
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ chunk_x).to(accumulate)
+        ctx.save_for_backward(grad_x, grad_weight.to(weight.dtype) if grad_weight is not None else None)
         ctx.mark_non_differentiable(top1, top5)
         return loss_sum, top1, top5
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_top1, _grad_top5):
-        x, weight, targets = ctx.saved_tensors
-        weight_cast = weight.to(x.dtype)
-        accumulate = torch.promote_types(x.dtype, torch.float32)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if ctx.needs_input_grad[1] else None
-        for start in range(0, x.shape[0], ctx.chunk_size):
-            chunk_x = x[start : start + ctx.chunk_size]
-            chunk_targets = targets[start : start + ctx.chunk_size]
-            logits = (chunk_x @ weight_cast.T).to(accumulate)
-            # d(sum CE)/d logits = softmax - one_hot, zero on ignored rows.
-            grad_logits = torch.softmax(logits, dim=-1)
-            valid = chunk_targets != IGNORE_INDEX
-            grad_logits[valid, chunk_targets[valid]] -= 1.0
-            grad_logits[~valid] = 0.0
-            grad_logits = (grad_logits * grad_loss).to(x.dtype)
-            if grad_x is not None:
-                grad_x[start : start + ctx.chunk_size] = grad_logits @ weight_cast
-            if grad_weight is not None:
-                grad_weight += (grad_logits.T @ chunk_x).to(accumulate)
+        grad_x, grad_weight = ctx.saved_tensors
+        if grad_x is not None:
+            grad_x = grad_x * grad_loss.to(grad_x.dtype)
         if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_x, grad_weight, None, None
+            grad_weight = grad_weight * grad_loss.to(grad_weight.dtype)
+        return grad_x, grad_weight, None, None, None, None
 
 
 def linear_cross_entropy(x, weight, targets, chunk_size: int = 512):
-    """(loss_sum, top1_hits, top5_hits) of logits x @ weight.T against targets, chunked."""
+    """(loss_sum, top1_hits, top5_hits) of logits x @ weight.T against targets, chunked.
+
+    On CUDA with Liger-Kernel installed, the loss and its gradients come from Liger's fused
+    kernel; the hit counts are then taken in a separate no-grad pass.
+    """
     if x.shape[0] == 0:
         zero = x.sum() * 0.0 + weight.sum() * 0.0  # keeps the graph connected for DDP
         return zero.float(), torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
-    return ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_size)
+    grad_enabled = torch.is_grad_enabled()
+    if x.is_cuda and liger_fused_linear_cross_entropy() is not None:
+        loss_sum = liger_fused_linear_cross_entropy()(weight.to(x.dtype), x, targets)
+        with torch.no_grad():
+            _, top1, top5 = ChunkedLinearCrossEntropy.apply(x, weight, targets, chunk_size, False, False)
+        return loss_sum.float(), top1, top5
+    return ChunkedLinearCrossEntropy.apply(
+        x, weight, targets, chunk_size, grad_enabled and x.requires_grad, grad_enabled and weight.requires_grad
+    )
+
+
+_LIGER_LOSS: list = []
+
+
+def liger_fused_linear_cross_entropy():
+    """Liger-Kernel's fused linear cross entropy (reduction 'sum') when installed, else None.
+    Imported lazily and once: Liger needs Triton and a GPU, which CPU installs do not have."""
+    if not _LIGER_LOSS:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            _LIGER_LOSS.append(LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum"))
+        except Exception:  # ImportError, or Triton failing to initialise without a GPU
+            _LIGER_LOSS.append(None)
+    return _LIGER_LOSS[0]
 
 
 @dataclass
