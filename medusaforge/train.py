@@ -33,7 +33,7 @@ from .checkpoint import (
     truncate_metrics,
 )
 from .config import config_to_dict, option
-from .data import TokenizedData, collate, load_tokenized
+from .data import TokenizedData, load_tokenized
 from .distributed import (
     DistributedContext,
     HeadsWithLoss,
@@ -47,12 +47,14 @@ from .distributed import (
     shutdown_distributed,
     wrap_heads_for_ddp,
 )
+from .batches import OfflineBatches, OnlineBatches
 from .heads import MedusaHeads, load_heads
+from .hidden_cache import HiddenCache, read_lm_head_weight
 from .loss import default_head_weights, medusa_head_losses
+from .vocab import most_frequent_tokens, target_token_counts
 from .models import (
     DEFAULT_MODEL,
     base_fingerprint,
-    final_hidden_states,
     lm_head_of,
     load_base_model,
     load_tokenizer,
@@ -94,6 +96,8 @@ class TrainConfig:
     skip_invalid: bool = option(False, "skip bad records (counted and reported) instead of stopping")
     init_heads: Path | None = option(None, "start from these heads instead of copies of the base lm_head")
     shared_lm_head: bool = option(False, "every head reuses the frozen base lm_head; only the ResBlocks train")
+    cache: Path | None = option(None, "train offline from a `medusaforge cache` folder: the base model is never run (--model must be the one that made it)")
+    head_vocab: int | None = option(None, "heads project to the N most frequent target tokens of the training split (vLLM truncated_vocab_size); off by default")
     overwrite: bool = option(False, "allow writing into a non-empty --out")
     resume: str | None = option(None, "resume from a checkpoint folder, or 'auto' for the newest in --out")
     trust_remote_code: bool = option(False, "allow the model's own Python code from its folder (off by default)")
@@ -117,8 +121,8 @@ class TrainConfig:
     quality_data: Path | None = option(None, "medusa2: held-out chat JSONL for the base-quality guard (default: the held-out split)")
 
     def validate(self) -> None:
-        if self.data is None:
-            raise ValueError("--data is required")
+        if self.data is None and self.cache is None:
+            raise ValueError("--data (or --cache) is required")
         if self.num_heads < 1 or self.num_layers < 0:
             raise ValueError("--num-heads must be >= 1 and --num-layers >= 0")
         if self.head_weights is not None and len(self.head_weights) != self.num_heads:
@@ -213,10 +217,11 @@ def write_checkpoint(out: Path, step: int, heads, optimizer, scheduler, extra: d
 
 
 @torch.no_grad()
-def evaluate_heads(heads, base, data: TokenizedData, indices: list[int], batch_size: int, pad_token_id: int, device, autocast, chunk_size: int, context: DistributedContext | None = None) -> dict:
+def evaluate_heads(heads, base, data: TokenizedData, indices: list[int], batch_size: int, pad_token_id: int, device, autocast, chunk_size: int, context: DistributedContext | None = None, source=None) -> dict:
     """Held-out per-head loss and top-1/top-5 accuracy over target (assistant) tokens.
     Under torchrun each rank evaluates its slice of every batch and the sums are all-reduced."""
     context = context or DistributedContext(device=torch.device(device))
+    source = source or OnlineBatches(base, data, pad_token_id)  # where hidden states come from (batches.py)
     num_heads = heads.num_heads
     loss_total = torch.zeros(num_heads)
     top1 = torch.zeros(num_heads)
@@ -224,12 +229,12 @@ def evaluate_heads(heads, base, data: TokenizedData, indices: list[int], batch_s
     counts = torch.zeros(num_heads)
     for start in range(0, len(indices), batch_size):
         rank_indices, placeholder = placeholder_slice(indices[start : start + batch_size], context.rank, context.world_size)
-        batch = collate([data.example(i) for i in rank_indices], pad_token_id)
+        batch = source.collate(rank_indices)
         if placeholder:
             batch["loss_mask"].zero_()
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
-            hidden = final_hidden_states(base, batch["input_ids"], batch["attention_mask"])
+            hidden = source.hidden_states(batch)
             result = medusa_head_losses(heads, hidden, batch["input_ids"], batch["loss_mask"], chunk_size)
         loss_total += torch.stack([s.detach().float().cpu() for s in result.loss_sums])
         top1 += result.top1.cpu()
@@ -275,11 +280,22 @@ def train(config: TrainConfig, context: DistributedContext) -> dict:
 
     # ---- base model (frozen) and data ----
     # Rank 0 first: it converts a built-in model and tokenizes into the shared cache; the others reuse both.
-    with main_process_first(context):
-        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-        base = load_base_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
-        base.requires_grad_(False)
-        data = load_tokenized(config.data, tokenizer, config.max_length, skip_invalid=config.skip_invalid, log=log)
+    if config.cache is None:
+        with main_process_first(context):
+            tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+            base = load_base_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
+            base.requires_grad_(False)
+            data = load_tokenized(config.data, tokenizer, config.max_length, skip_invalid=config.skip_invalid, log=log)
+        source = OnlineBatches(base, data, tokenizer.pad_token_id)
+        lm_head_weight, base_name, fingerprint = lm_head_of(base).weight, model_name(base), base_fingerprint(base)
+    else:
+        # Offline: hidden states, ids and masks come from the cache; of the base, only lm_head is read.
+        cache = HiddenCache(config.cache)
+        cache.check_model(config.model)
+        base, data, source = None, cache.data, OfflineBatches(cache)
+        lm_head_weight = read_lm_head_weight(config.model).to(device)
+        base_name, fingerprint = cache.identity["model"], cache.identity["base_fingerprint"]
+        log(f"offline: hidden states from {config.cache} (max_length {cache.identity['max_length']}); the base model is not run")
     train_indices, eval_indices = split_examples(len(data), config.eval_fraction, config.seed)
     log(
         f"data: {len(data)} conversations ({len(train_indices)} train, {len(eval_indices)} held out), "
@@ -287,9 +303,11 @@ def train(config: TrainConfig, context: DistributedContext) -> dict:
     )
 
     # ---- heads, optimizer, schedule ----
-    lm_head_weight = lm_head_of(base).weight
+    head_vocab_coverage = None
     if config.init_heads is not None:
         heads = load_heads(config.init_heads, base=base)
+        if heads.config.shared_lm_head:
+            heads.init_from_base(lm_head_weight)
         if heads.num_heads != config.num_heads:
             log(f"init heads: using {heads.num_heads} heads from {config.init_heads}")
     else:
@@ -299,10 +317,18 @@ def train(config: TrainConfig, context: DistributedContext) -> dict:
             config.num_heads,
             config.num_layers,
             shared_lm_head=config.shared_lm_head,
+            head_vocab_size=config.head_vocab,
         )
+        if config.head_vocab is not None and heads.token_map is not None:
+            # Only the training split decides the kept tokens, so held-out figures stay honest.
+            train_ids = torch.cat([data.example(i)[0] for i in train_indices])
+            train_mask = torch.cat([data.example(i)[1] for i in train_indices])
+            token_map, head_vocab_coverage = most_frequent_tokens(target_token_counts(train_ids, train_mask, lm_head_weight.shape[0]), config.head_vocab)
+            heads.token_map.copy_(token_map)
+            log(f"head vocabulary: {config.head_vocab} of {lm_head_weight.shape[0]} tokens cover {head_vocab_coverage:.1%} of training target tokens")
         heads.init_from_base(lm_head_weight)
-    heads.config.base_model = model_name(base)
-    heads.config.base_fingerprint = base_fingerprint(base)
+    heads.config.base_model = base_name
+    heads.config.base_fingerprint = fingerprint
     heads.to(device)
     num_heads = heads.num_heads
     head_weights = config.head_weights or default_head_weights(num_heads, config.head_weight_decay)
@@ -348,7 +374,7 @@ def train(config: TrainConfig, context: DistributedContext) -> dict:
 
     # Frozen-base sharding comes after everything that reads the full base weights (lm_head copy,
     # fingerprints in load_heads/load_checkpoint).
-    if config.fsdp_base:
+    if config.fsdp_base and base is not None:  # offline runs have no base to shard
         shard_frozen_base(base, context)
     heads_with_loss = wrap_heads_for_ddp(HeadsWithLoss(heads, medusa_head_losses, config.chunk_size), context)
 
@@ -372,7 +398,7 @@ def train(config: TrainConfig, context: DistributedContext) -> dict:
         batches = []
         for j in range(config.grad_accum):
             indices, placeholder = placeholder_slice(micro_batches[step * config.grad_accum + j], context.rank, context.world_size)
-            batch = collate([data.example(i) for i in indices], tokenizer.pad_token_id)
+            batch = source.collate(indices)
             if placeholder:
                 batch["loss_mask"].zero_()
             batches.append(batch)
@@ -394,8 +420,7 @@ def train(config: TrainConfig, context: DistributedContext) -> dict:
             last = j == len(batches) - 1
             with nullcontext() if last or not context.enabled else heads_with_loss.no_sync():
                 with autocast:
-                    with torch.no_grad():
-                        hidden = final_hidden_states(base, batch["input_ids"], batch["attention_mask"])
+                    hidden = source.hidden_states(batch)  # base forward (online) or the cache (offline)
                     result = heads_with_loss(hidden, batch["input_ids"], batch["loss_mask"])
                     loss = sum(head_weights[k] * result.loss_sums[k] / step_counts[k] for k in range(num_heads))
                 # This rank's loss is its share of the global loss and DDP averages gradients over
@@ -459,7 +484,7 @@ def train(config: TrainConfig, context: DistributedContext) -> dict:
         heads.save(out / "heads")
     heads.eval()
     held_out = (
-        evaluate_heads(heads, base, data, eval_indices, config.batch_size, tokenizer.pad_token_id, device, autocast, config.chunk_size, context)
+        evaluate_heads(heads, base, data, eval_indices, config.batch_size, 0, device, autocast, config.chunk_size, context, source)
         if eval_indices
         else None
     )
@@ -473,6 +498,8 @@ def train(config: TrainConfig, context: DistributedContext) -> dict:
         "eval_conversations": len(eval_indices),
         "train_seconds": round(elapsed, 1),
         "invalid_records_skipped": data.num_invalid,
+        "hidden_states": str(config.cache) if config.cache else "online",
+        "head_vocab_coverage": head_vocab_coverage,
         "nonfinite_steps_skipped": skipped_steps,
         "world_size": context.world_size,
         "held_out": held_out,
