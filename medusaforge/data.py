@@ -92,7 +92,7 @@ def read_conversations(
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as error:
-                    raise DataError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
+                    raise DataError(f"{where}: malformed JSON at column {error.colno} ({error.msg.removesuffix(' at')})") from None
                 conversations.append(parse_record(record, where, require_assistant))
             except UnicodeDecodeError as error:
                 problem = DataError(f"{where}: not valid UTF-8 (byte {error.start})")
@@ -236,15 +236,20 @@ def load_tokenized(
 
     conversations, errors = read_conversations(path, skip_invalid=skip_invalid)
     all_ids, all_masks, lengths = [], [], []
+    truncated_away: list[str] = []  # "file:line" of conversations left without an assistant token
     for conversation in conversations:
         ids, mask = tokenize_conversation(tokenizer, conversation, max_length)
         if not mask.any():  # truncation removed every assistant token: nothing to learn from it
+            truncated_away.append(conversation.source)
             continue
         all_ids.append(ids)
         all_masks.append(mask)
         lengths.append(len(ids))
     if not lengths:
         raise DataError(f"{path}: no example keeps an assistant token within max_length={max_length}")
+    if truncated_away:
+        log(f"dropped {len(truncated_away)} conversations whose assistant turns all lie beyond max_length={max_length} "
+            f"(first: {truncated_away[0]})")
     data = TokenizedData(torch.cat(all_ids), torch.cat(all_masks), torch.tensor(lengths), len(errors))
     for error in errors[:5]:
         log(f"skipped: {error}")

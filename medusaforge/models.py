@@ -131,13 +131,31 @@ def load_base_model(
     """Load an `AutoModelForCausalLM` in eval mode and check that it fits Medusa."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(model), dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    from safetensors import SafetensorError
+
+    path = resolve_model_path(model)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except SafetensorError as error:
+        raise ValueError(f"{damaged_weights_file(path) or path}: corrupt or truncated weights ({error})") from None
     base.to(device).eval()
     if check:
         check_lm_head_reads_final_hidden(base)
     return base
+
+
+def damaged_weights_file(folder: str | os.PathLike) -> Path | None:
+    """The first *.safetensors file in a local model folder whose header does not read, if any."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    handle.get_slice(name)
+        except Exception:  # any failure to read the header is the answer we are looking for
+            return path
+    return None
 
 
 def model_name(base: nn.Module) -> str:
