@@ -26,11 +26,11 @@ import medusaforge.train as train
 from medusaforge.cli import main
 
 if "SLOW_STEP" in os.environ:
-    real_hidden = train.final_hidden_states
-    def slow_hidden(*args, **kwargs):
+    real_loss = train.medusa_head_losses
+    def slow_loss(*args, **kwargs):
         time.sleep(float(os.environ["SLOW_STEP"]))
-        return real_hidden(*args, **kwargs)
-    train.final_hidden_states = slow_hidden
+        return real_loss(*args, **kwargs)
+    train.medusa_head_losses = slow_loss
 if "KILL_IN_SAVE" in os.environ:
     real_replace = checkpoint.replace_directory
     def replace_or_die(staging, directory):
