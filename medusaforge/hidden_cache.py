@@ -289,6 +289,8 @@ class HiddenCache:
             index = json.loads(path.read_text())
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no hidden-state cache here; make one with `medusaforge cache`") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: corrupt cache index ({error})") from None
         if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: not a medusaforge hidden-state cache (version {FORMAT_VERSION})")
         if not index.get("complete"):
@@ -297,12 +299,21 @@ class HiddenCache:
         self.identity = index["identity"]
         self.shards = index["shards"]
         self.first_examples = [shard["first_example"] for shard in self.shards]
-        self.handles = [safe_open(str(self.directory / shard["file"]), framework="pt") for shard in self.shards]
+        self.handles = []
         ids, masks, lengths = [], [], []
-        for handle in self.handles:
-            ids.append(handle.get_tensor("input_ids").long())
-            masks.append(handle.get_tensor("loss_mask").bool())
-            lengths.append(handle.get_tensor("lengths"))
+        for shard in self.shards:
+            shard_path = self.directory / shard["file"]
+            try:
+                handle = safe_open(str(shard_path), framework="pt")
+                ids.append(handle.get_tensor("input_ids").long())
+                masks.append(handle.get_tensor("loss_mask").bool())
+                lengths.append(handle.get_tensor("lengths"))
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{shard_path}: missing shard of the hidden-state cache") from None
+            except Exception as error:  # SafetensorError and friends: a damaged shard is never trusted
+                raise ValueError(f"{shard_path}: corrupt or truncated cache shard ({error}); "
+                                 "delete the folder and run `medusaforge cache` again") from None
+            self.handles.append(handle)
         # The token data in the same form as the online path's, so splits and batches are shared.
         self.data = TokenizedData(torch.cat(ids), torch.cat(masks), torch.cat(lengths), index.get("num_invalid", 0))
         self.shard_starts = [torch.cumsum(lengths_of, 0) - lengths_of for lengths_of in lengths]

@@ -275,6 +275,24 @@ def test_a_damaged_tokenized_cache_is_named_and_rebuilt(world, tmp_path, capsys,
         (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()[0].split('"tokens_per_s"')[0]
 
 
+def test_a_damaged_hidden_state_cache_is_refused_naming_the_file(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
+    hidden = tmp_path / "hidden"
+    assert main(["cache", "--model", str(world["model"]), "--data", str(world["data"]), "--out", str(hidden),
+                 "--max-length", "64", "--dtype", "fp32"]) == 0
+    out = previous_output(tmp_path)
+    argv = ["train", "--model", str(world["model"]), "--cache", str(hidden), "--out", str(out), "--overwrite",
+            "--num-heads", "2", "--batch-size", "2", "--max-steps", "2", "--progress", "false", "--dtype", "fp32"]
+    index = hidden / "index.json"
+    good_index = index.read_text()
+    index.write_text(good_index[: len(good_index) // 2])
+    expect_error("truncated hidden-state cache index.json (train --cache)", argv, capsys, index, also=["corrupt"], keep=[out])
+    index.write_text(good_index)
+    shard = sorted(hidden.glob("shard-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:3000])
+    expect_error("truncated hidden-state cache shard (train --cache)", argv, capsys, shard, also=["corrupt or truncated"], keep=[out])
+
+
 # ---- faults during training ------------------------------------------------------------------
 
 def nan_on_call(monkeypatch, bad_calls):
