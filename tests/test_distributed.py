@@ -48,23 +48,32 @@ def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(cache))
-    model_dir = save_tiny_model(tmp_path / "tiny")
-    data = small_data(tmp_path / "data.jsonl")
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    cache = root / "cache"
+    os.environ["MEDUSAFORGE_CACHE"] = str(cache)
+    try:
+        model_dir = save_tiny_model(root / "tiny")
+        data = small_data(root / "data.jsonl")
+        assert main(train_args(model_dir, data, root / "single")) == 0
+    finally:
+        del os.environ["MEDUSAFORGE_CACHE"]
+    return root, cache, model_dir, data
 
-    assert main(train_args(model_dir, data, tmp_path / "single")) == 0
 
+@pytest.mark.parametrize("extra", [[], ["--fsdp-base"]], ids=["ddp", "ddp+fsdp2-base"])
+def test_two_gloo_processes_match_one_process(tmp_path, single_process_run, extra):
+    root, cache, model_dir, data = single_process_run
     env = {**os.environ, "MEDUSAFORGE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "medusaforge.cli", *train_args(model_dir, data, tmp_path / "ddp"),
+        "-m", "medusaforge.cli", *train_args(model_dir, data, tmp_path / "ddp"), *extra,
     ]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
-    single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    single, ddp = read_metrics(root / "single"), read_metrics(tmp_path / "ddp")
     assert [m["step"] for m in ddp] == [1, 2, 3, 4]
     for one, two in zip(single, ddp):
         # Same global batch, same normalisation; only the order of float sums differs.
@@ -72,16 +81,16 @@ def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch):
         assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
         assert two["head_loss"] == pytest.approx(one["head_loss"], rel=1e-5)
         assert two["head_top1"] == pytest.approx(one["head_top1"], abs=1e-6)
-    print("\nstep  loss(1 process)        loss(2 processes)      |diff|")
+    print(f"\n{' '.join(extra) or 'ddp'}\nstep  loss(1 process)        loss(2 processes)      |diff|")
     for one, two in zip(single, ddp):
         print(f"{one['step']:>4}  {one['loss']:.15f}  {two['loss']:.15f}  {abs(one['loss'] - two['loss']):.2e}")
 
-    single_heads = load_file(str(tmp_path / "single" / "heads" / "heads.safetensors"))
+    single_heads = load_file(str(root / "single" / "heads" / "heads.safetensors"))
     ddp_heads = load_file(str(tmp_path / "ddp" / "heads" / "heads.safetensors"))
     for name, tensor in single_heads.items():
         torch.testing.assert_close(ddp_heads[name], tensor, rtol=1e-5, atol=1e-6)
     # The held-out evaluation is split over the ranks and all-reduced: same figures.
-    single_summary = json.loads((tmp_path / "single" / "summary.json").read_text())
+    single_summary = json.loads((root / "single" / "summary.json").read_text())
     ddp_summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp_summary["world_size"] == 2
     assert ddp_summary["held_out"]["loss"] == pytest.approx(single_summary["held_out"]["loss"], rel=1e-5)
