@@ -69,6 +69,10 @@ def validate_medusa2_options(config) -> None:
         raise ValueError("--resume is not supported with --mode medusa2 yet; rerun stage 2 from the stage-1 heads")
     if getattr(config, "cache", None):
         raise ValueError("--cache cannot be used with --mode medusa2: the base model changes, so cached hidden states go stale")
+    if getattr(config, "head_vocab", None) is not None:
+        raise ValueError("--head-vocab is not supported with --mode medusa2 yet (train truncated heads in stage 1 instead)")
+    if getattr(config, "fsdp_base", False):
+        raise ValueError("--fsdp-base shards a frozen base; --mode medusa2 trains the base on one device")
 
 
 # ---- the base model as student and teacher ---------------------------------------------------
