@@ -1,8 +1,8 @@
 """Prompts for generation and evaluation: files, and the built-in `mt-bench` set.
 
 A prompt is a chat: a list of {"role", "content"} messages ending with a user turn. Files may be
-JSONL with one of "prompt" (a string), "turns" (MT-Bench style; the first turn is used) or
-"messages" (trailing assistant turns are dropped), or plain text with one prompt per line.
+JSONL with one of "prompt" (a string), "turns" (MT-Bench style; the first turn is used),
+"messages" or ShareGPT "conversations" (trailing assistant turns are dropped), or plain text with one prompt per line.
 """
 
 from __future__ import annotations
@@ -40,12 +40,15 @@ def _record_to_messages(record, where: str) -> Messages:
     if isinstance(turns, list) and turns and isinstance(turns[0], str):
         return [{"role": "user", "content": turns[0]}]
     messages = record.get("messages")
+    if isinstance(record.get("conversations"), list):  # ShareGPT, as written by `medusaforge distill`
+        roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+        messages = [{"role": roles.get(t.get("from"), t.get("from")), "content": t.get("value")} for t in record["conversations"] if isinstance(t, dict)]
     if isinstance(messages, list) and messages:
         while messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
         if messages and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             return [{"role": m["role"], "content": m["content"]} for m in messages]
-    raise ValueError(f"{where}: expected a string 'prompt', a list of 'turns' or a list of 'messages'")
+    raise ValueError(f"{where}: expected a string 'prompt', a list of 'turns', 'messages' or 'conversations'")
 
 
 def load_prompts(source: str | Path, limit: int = 0) -> list[Messages]:
