@@ -172,6 +172,38 @@ def grow_tree(accuracies, num_nodes: int) -> list[list[int]]:
     return [list(p) for p in normalise_paths([p for _, p in chosen])]
 
 
+def path_frequencies(rank_paths: torch.Tensor) -> dict[Path_, float]:
+    """rank_paths: [P, num_heads] long, at each calibration position the rank of the right token in
+    each head's candidate list (any value >= max_rank or < 0 for "not in its top-k").
+    -> {path: share of positions at which that node would be accepted}.
+
+    A node is accepted exactly when every head on its path ranked the right token where the path
+    says, so these shares are measured joint accuracies: no independence between heads assumed.
+    """
+    counts: dict[Path_, int] = {}
+    for row in rank_paths.tolist():
+        path: Path_ = ()
+        for rank in row:
+            if rank < 0:
+                break
+            path = path + (rank,)
+            counts[path] = counts.get(path, 0) + 1
+    total = max(len(rank_paths), 1)
+    return {path: count / total for path, count in counts.items()}
+
+
+def grow_tree_from_frequencies(frequencies: dict[Path_, float], num_nodes: int) -> list[list[int]]:
+    """The `num_nodes` most often accepted nodes. A node is never accepted more often than its
+    parent, and ties go to the shorter path, so every chosen node's parent is chosen too."""
+    ranked = sorted(frequencies, key=lambda p: (-frequencies[p], len(p), p))
+    return [list(p) for p in normalise_paths(ranked[:num_nodes])]
+
+
+def expected_accept_length_from_frequencies(paths, frequencies: dict[Path_, float]) -> float:
+    """Expected tokens per verify step (base token included) measured on calibration positions."""
+    return 1.0 + sum(frequencies.get(p, 0.0) for p in normalise_paths(paths))
+
+
 # ---- loading -------------------------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """`medusaforge tree`: a sparse candidate tree fitted to the heads and to the hardware at hand.
 
-1. Accuracy: on calibration prompts the base writes its own greedy continuation; head k's rank-r
-   accuracy is how often its r-th best token is the base's token k + 2 ahead.
-2. Growth: for each size, the tree maximising expected acceptance (tree.grow_tree).
+1. Accuracy: on calibration prompts the base writes its own greedy continuation; at every position
+   we record the rank of the right token in each head's top-k. A tree node's acceptance rate is
+   the share of positions whose ranks match its whole path (joint, so correlated heads are fine).
+2. Growth: for each size, the tree maximising expected acceptance (the most often accepted nodes).
 3. Cost: one decode step (head candidates + one verify forward over the tree) is timed at every
    size on this device; the tree kept maximises expected tokens per *second*. A tree that pays on
    a GPU, where 64 nodes cost about as much as 1, is far too big for a 2-core CPU.
@@ -24,7 +25,15 @@ from .evaluate import hf_greedy
 from .generate import load_for_decoding, stop_token_ids
 from .models import DEFAULT_MODEL, final_hidden_states, lm_head_of
 from .prompts import encode_prompt, load_prompts
-from .tree import build_tree_buffers, expected_accept_length, grow_tree, save_tree, tree_tokens, verify_attention_mask
+from .tree import (
+    build_tree_buffers,
+    expected_accept_length_from_frequencies,
+    grow_tree_from_frequencies,
+    path_frequencies,
+    save_tree,
+    tree_tokens,
+    verify_attention_mask,
+)
 
 
 @dataclass
@@ -47,22 +56,20 @@ class TreeSearchConfig:
 
 
 @torch.inference_mode()
-def head_rank_counts(base, heads, sequence: torch.Tensor, prompt_length: int, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (hits [num_heads, max_rank], positions [num_heads]): how often head k's rank-r candidate is
-    the base's own token k + 2 ahead, over the generated part of `sequence` ([T])."""
+def truth_ranks(base, heads, sequence: torch.Tensor, prompt_length: int, max_rank: int) -> torch.Tensor:
+    """-> [P, num_heads] long: at each generated position t of `sequence` ([T]), the rank of the
+    base's own token t + k + 2 among head k's top `max_rank` candidates, -1 if absent or past the end."""
     hidden = final_hidden_states(base, sequence[None])[0]  # [T, hidden]
-    hits = torch.zeros(heads.num_heads, max_rank)
-    positions = torch.zeros(heads.num_heads)
+    start, stop = prompt_length - 1, len(sequence) - 2  # positions whose head-0 target exists
+    ranks = torch.full((max(stop - start, 0), heads.num_heads), -1, dtype=torch.long)
     for k in range(heads.num_heads):
-        start, stop = prompt_length - 1, len(sequence) - (k + 2)  # head k at t predicts t + k + 2
-        if stop <= start:
+        end = len(sequence) - (k + 2)  # head k at t predicts t + k + 2
+        if end <= start:
             continue
-        logits = heads.head_logits(hidden[start:stop], k)  # [P, V]
-        top = logits.topk(max_rank, dim=-1).indices  # [P, max_rank]
-        truth = sequence[start + k + 2 : stop + k + 2]
-        hits[k] += (top == truth[:, None]).sum(dim=0).float().cpu()
-        positions[k] += stop - start
-    return hits, positions
+        top = heads.head_logits(hidden[start:end], k).topk(max_rank, dim=-1).indices  # [P_k, max_rank]
+        hit = top == sequence[start + k + 2 : end + k + 2, None]
+        ranks[: end - start, k] = torch.where(hit.any(-1), hit.long().argmax(-1), -1).cpu()
+    return ranks
 
 
 @torch.inference_mode()
@@ -111,19 +118,17 @@ def run(config: TreeSearchConfig) -> dict:
     encoded = [encode_prompt(tokenizer, chat).to(base.device) for chat in chats]
 
     print(f"tree: measuring head accuracy on {len(chats)} prompts x {config.calibration_tokens} greedy tokens", flush=True)
-    hits = torch.zeros(heads.num_heads, config.max_rank)
-    positions = torch.zeros(heads.num_heads)
-    sequences = []
+    rank_paths, sequences = [], []
     for ids in encoded:
         continuation = hf_greedy(base, ids, config.calibration_tokens, eos)
         sequence = torch.cat([ids, torch.tensor(continuation, device=ids.device)])
         sequences.append(sequence)
-        prompt_hits, prompt_positions = head_rank_counts(base, heads, sequence, len(ids), config.max_rank)
-        hits += prompt_hits
-        positions += prompt_positions
-    accuracies = (hits / positions.clamp(min=1)[:, None]).tolist()
+        rank_paths.append(truth_ranks(base, heads, sequence, len(ids), config.max_rank))
+    ranks = torch.cat(rank_paths)  # [positions, num_heads]
+    frequencies = path_frequencies(ranks)
+    accuracies = [[float((ranks[:, k] == r).float().mean()) for r in range(config.max_rank)] for k in range(heads.num_heads)]
     for k, row in enumerate(accuracies):
-        print(f"  head {k}: top-1 {row[0]:.3f}  top-{config.max_rank} {sum(row):.3f}")
+        print(f"  head {k}: top-1 {row[0]:.3f}  top-{config.max_rank} {sum(row):.3f}  (alone; the tree uses joint path accuracies)")
 
     # Time at a realistic prefix: a calibration prompt plus half its continuation.
     prefix = sequences[0][: len(encoded[0]) + config.calibration_tokens // 2]
@@ -132,8 +137,8 @@ def run(config: TreeSearchConfig) -> dict:
     print(f"{'nodes':>5} {'depth':>5} {'E[accept]':>9} {'step ms':>8} {'E[tok/s]':>8} {'E[speedup]':>10}")
     rows = []
     for size in config.sizes:
-        paths = grow_tree(accuracies, size)
-        expected = expected_accept_length(paths, accuracies)
+        paths = grow_tree_from_frequencies(frequencies, size)
+        expected = expected_accept_length_from_frequencies(paths, frequencies)
         step = time_decode_step(base, heads, paths, prefix, config.repeats)
         rows.append({"nodes": len(paths), "depth": max(map(len, paths)), "expected_accept_length": expected,
                      "step_ms": step * 1000, "expected_tokens_per_s": expected / step, "paths": paths})

@@ -96,3 +96,15 @@ def test_tree_json_round_trip_and_errors(tmp_path):
         load_tree(tmp_path / "broken.json")
     with pytest.raises(FileNotFoundError):
         load_tree(tmp_path / "missing.json")
+
+
+def test_tree_from_measured_rank_paths():
+    from medusaforge.tree import expected_accept_length_from_frequencies, grow_tree_from_frequencies, path_frequencies
+
+    # 4 calibration positions; -1 = the right token was not in that head's top-k
+    rank_paths = torch.tensor([[0, 0], [0, 1], [1, 0], [-1, 0]])
+    frequencies = path_frequencies(rank_paths)
+    assert frequencies == {(0,): 0.5, (0, 0): 0.25, (0, 1): 0.25, (1,): 0.25, (1, 0): 0.25}
+    tree = grow_tree_from_frequencies(frequencies, 3)
+    assert tree == [[0], [1], [0, 0]]  # ties: shorter first, then lower ranks
+    assert expected_accept_length_from_frequencies(tree, frequencies) == pytest.approx(2.0)
