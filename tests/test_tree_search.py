@@ -1,0 +1,26 @@
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from medusaforge.heads import MedusaHeads
+from medusaforge.models import final_hidden_states
+from medusaforge.tree_search import truth_ranks
+
+
+def test_truth_ranks_match_a_direct_recomputation():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    base = LlamaForCausalLM(config).eval()
+    heads = MedusaHeads(32, 64, num_heads=3)
+    heads.init_from_base(base.lm_head.weight)
+    sequence = torch.randint(0, 64, (20,))
+    ranks = truth_ranks(base, heads, sequence, prompt_length=8, max_rank=64)  # full vocab: always found
+    assert ranks.shape == (20 - 2 - 7, 3)
+    with torch.no_grad():
+        hidden = final_hidden_states(base, sequence[None])[0]
+        for row, t in enumerate(range(7, 18)):
+            for k in range(3):
+                if t + k + 2 >= 20:
+                    assert ranks[row, k] == -1
+                    continue
+                order = heads.head_logits(hidden[t], k).argsort(descending=True)
+                assert ranks[row, k] == (order == sequence[t + k + 2]).nonzero().item()
