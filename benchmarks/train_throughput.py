@@ -49,7 +49,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def autocast_context(device: torch.device):
-    from medusaforge.train import autocast_for
+    from medusaforge.training import autocast_for
 
     return autocast_for(device, "auto")
 

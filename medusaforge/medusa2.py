@@ -39,11 +39,12 @@ from .heads import MedusaHeads, load_heads, replace_directory
 from .loss import IGNORE_INDEX, base_targets, default_head_weights, linear_cross_entropy, medusa_head_losses
 from .medusa2_loss import HEADS_WEIGHT_SCHEDULES, heads_weight_at, linear_kl_divergence
 from .models import base_fingerprint, final_hidden_states, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
-from .train import (
+from .training import (
     autocast_for,
     batch_schedule,
     cosine_with_warmup,
     evaluate_heads,
+    format_held_out,
     prepare_output_dir,
     split_examples,
 )
@@ -398,8 +399,7 @@ def run_medusa2(config) -> dict:
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if held_out is not None:
-        figures = "  ".join(f"head{k}: top1={held_out['top1'][k]:.3f}" for k in range(num_heads))
-        print(f"held-out head accuracy on the trained base ({len(eval_indices)} conversations): {figures}")
+        print(f"held-out head accuracy on the trained base ({len(eval_indices)} conversations): {format_held_out(held_out)}")
     if quality is not None:
         print(
             f"base quality on {quality['num_tokens']} held-out tokens: perplexity {quality['perplexity_before']:.4f} -> "

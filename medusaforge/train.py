@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -22,22 +21,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (
-    atomic_write_text,
-    checkpoint_name,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    rng_state,
-    save_checkpoint,
-    truncate_metrics,
-)
+from .batches import OfflineBatches, OnlineBatches
+from .checkpoint import atomic_write_text, load_checkpoint, truncate_metrics
 from .config import config_to_dict, option
-from .data import TokenizedData, load_tokenized
+from .data import load_tokenized
 from .distributed import (
     DistributedContext,
     HeadsWithLoss,
-    all_gather_objects,
     all_reduce_sum,
     barrier,
     init_distributed,
@@ -47,21 +37,23 @@ from .distributed import (
     shutdown_distributed,
     wrap_heads_for_ddp,
 )
-from .batches import OfflineBatches, OnlineBatches
 from .heads import MedusaHeads, load_heads
 from .hidden_cache import HiddenCache, read_lm_head_weight
 from .loss import default_head_weights, medusa_head_losses
-from .vocab import most_frequent_tokens, target_token_counts
-from .models import (
-    DEFAULT_MODEL,
-    base_fingerprint,
-    lm_head_of,
-    load_base_model,
-    load_tokenizer,
-    model_name,
-    resolve_device,
-    resolve_dtype,
+from .models import DEFAULT_MODEL, base_fingerprint, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
+from .training import (
+    autocast_for,
+    batch_schedule,
+    cosine_with_warmup,
+    evaluate_heads,
+    find_resume_checkpoint,
+    format_held_out,
+    refuse_to_overwrite,
+    schedule_fingerprint,
+    split_examples,
+    write_checkpoint,
 )
+from .vocab import most_frequent_tokens, target_token_counts
 
 
 @dataclass
@@ -135,120 +127,6 @@ class TrainConfig:
             from .medusa2 import validate_medusa2_options
 
             validate_medusa2_options(self)
-
-
-def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast where the device runs bf16 natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32.
-    Weights, gradients and optimizer state stay fp32 either way."""
-    if resolve_dtype(dtype, device) == torch.bfloat16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def split_examples(num_examples: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded split of example indices into (train, held-out)."""
-    order = list(range(num_examples))
-    random.Random(seed).shuffle(order)
-    num_eval = int(round(num_examples * eval_fraction)) if eval_fraction > 0 else 0
-    if eval_fraction > 0 and num_examples > 1:
-        num_eval = min(max(num_eval, 1), num_examples - 1)
-    return sorted(order[num_eval:]), sorted(order[:num_eval])
-
-
-def batch_schedule(train_indices: list[int], batch_size: int, num_batches: int, seed: int) -> list[list[int]]:
-    """The micro-batches of the whole run, fixed up front from the seed: epoch e uses its own
-    shuffle, so the data position after a resume is just the step number."""
-    batches: list[list[int]] = []
-    epoch = 0
-    while len(batches) < num_batches:
-        order = list(train_indices)
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        batches.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
-        epoch += 1
-    return batches[:num_batches]
-
-
-def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear 0->1 over warmup, then cosine 1->min_lr_ratio."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def refuse_to_overwrite(out: Path, overwrite: bool, resume: str | None) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to write into it or --resume to continue")
-
-
-def prepare_output_dir(out: Path, overwrite: bool, resume: str | None) -> None:
-    refuse_to_overwrite(out, overwrite, resume)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def find_resume_checkpoint(out: Path, resume: str) -> list[Path]:
-    """Checkpoints to try, best first: the named folder, or for 'auto' every complete one in
-    OUT/checkpoints, newest first (a damaged newest one falls back to the one before)."""
-    if resume != "auto":
-        return [Path(resume)]
-    return list(reversed(list_checkpoints(out / "checkpoints")))
-
-
-def schedule_fingerprint(config: "TrainConfig", num_train: int, total_steps: int) -> dict:
-    """What fixes the data order and LR schedule; a resume must match it to continue exactly."""
-    return {
-        "seed": config.seed,
-        "batch_size": config.batch_size,
-        "grad_accum": config.grad_accum,
-        "total_steps": total_steps,
-        "train_conversations": num_train,
-    }
-
-
-def write_checkpoint(out: Path, step: int, heads, optimizer, scheduler, extra: dict, keep_last: int, context: DistributedContext) -> None:
-    """Every rank hands in its RNG state; rank 0 writes the folder and prunes old ones."""
-    rng_per_rank = all_gather_objects(rng_state(), context)
-    if context.is_main:
-        save_checkpoint(out / "checkpoints" / checkpoint_name(step), heads, optimizer, scheduler, step, extra, rng_per_rank)
-        prune_checkpoints(out / "checkpoints", keep_last)
-    barrier(context)
-
-
-@torch.no_grad()
-def evaluate_heads(heads, base, data: TokenizedData, indices: list[int], batch_size: int, pad_token_id: int, device, autocast, chunk_size: int, context: DistributedContext | None = None, source=None) -> dict:
-    """Held-out per-head loss and top-1/top-5 accuracy over target (assistant) tokens.
-    Under torchrun each rank evaluates its slice of every batch and the sums are all-reduced."""
-    context = context or DistributedContext(device=torch.device(device))
-    source = source or OnlineBatches(base, data, pad_token_id)  # where hidden states come from (batches.py)
-    num_heads = heads.num_heads
-    loss_total = torch.zeros(num_heads)
-    top1 = torch.zeros(num_heads)
-    top5 = torch.zeros(num_heads)
-    counts = torch.zeros(num_heads)
-    for start in range(0, len(indices), batch_size):
-        rank_indices, placeholder = placeholder_slice(indices[start : start + batch_size], context.rank, context.world_size)
-        batch = source.collate(rank_indices)
-        if placeholder:
-            batch["loss_mask"].zero_()
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast:
-            hidden = source.hidden_states(batch)
-            result = medusa_head_losses(heads, hidden, batch["input_ids"], batch["loss_mask"], chunk_size)
-        loss_total += torch.stack([s.detach().float().cpu() for s in result.loss_sums])
-        top1 += result.top1.cpu()
-        top5 += result.top5.cpu()
-        counts += result.counts.cpu()
-    for total in (loss_total, top1, top5, counts):
-        all_reduce_sum(total, context)
-    denominator = counts.clamp(min=1)
-    return {
-        "num_tokens": counts.tolist(),
-        "loss": (loss_total / denominator).tolist(),
-        "top1": (top1 / denominator).tolist(),
-        "top5": (top5 / denominator).tolist(),
-    }
 
 
 def run(config: TrainConfig) -> dict:
@@ -510,9 +388,6 @@ def train(config: TrainConfig, context: DistributedContext) -> dict:
     if skipped_steps:
         print(f"warning: {skipped_steps} of {total_steps} steps were skipped for a NaN/inf loss or gradient", file=sys.stderr)
     if held_out is not None:
-        figures = "  ".join(
-            f"head{k}: top1={held_out['top1'][k]:.3f} top5={held_out['top5'][k]:.3f}" for k in range(num_heads)
-        )
-        print(f"held-out accuracy ({len(eval_indices)} conversations): {figures}")
+        print(f"held-out accuracy ({len(eval_indices)} conversations): {format_held_out(held_out)}")
     print(f"heads saved to {out / 'heads'}")
     return summary

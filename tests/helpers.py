@@ -4,6 +4,7 @@ with a ChatML template. Everything here builds in well under a second."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -82,3 +83,15 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 def sharegpt(*turns: tuple[str, str]) -> dict:
     return {"conversations": [{"from": role, "value": text} for role, text in turns]}
+
+
+def learnable_data(path, num_conversations=48, seed=0, reply_words=18):
+    """Assistant replies walk a fixed cycle of words, so token t+2 is a function of token t."""
+    words = "the quick brown fox jumps over the lazy dog and then".split()
+    rng = random.Random(seed)
+    records = []
+    for _ in range(num_conversations):
+        start = rng.randrange(len(words))
+        reply = " ".join(words[(start + i) % len(words)] for i in range(reply_words))
+        records.append(sharegpt(("human", f"Hello {rng.randrange(100)}"), ("gpt", reply)))
+    return write_jsonl(path, records)

@@ -3,12 +3,11 @@ end to end (two stages through the CLI) on a tiny random model."""
 
 import json
 import math
-import random
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import save_tiny_model, sharegpt, tiny_llama, tiny_tokenizer, write_jsonl
+from helpers import learnable_data, save_tiny_model, tiny_llama, tiny_tokenizer
 from torch.nn import functional as F
 
 from medusaforge.cli import main
@@ -141,17 +140,6 @@ def test_merge_then_load_gives_the_adapters_on_logits(tiny_setup, tmp_path):
 # ---- the recipe through the CLI ---------------------------------------------------------------
 
 
-def learnable_data(path, num_conversations=40, seed=0):
-    words = "the quick brown fox jumps over the lazy dog and then".split()
-    rng = random.Random(seed)
-    records = []
-    for _ in range(num_conversations):
-        start = rng.randrange(len(words))
-        reply = " ".join(words[(start + i) % len(words)] for i in range(14))
-        records.append(sharegpt(("human", f"Hello {rng.randrange(100)}"), ("gpt", reply)))
-    return write_jsonl(path, records)
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
@@ -168,7 +156,7 @@ def test_two_stage_recipe_lora_distill_with_merge(tmp_path, tiny_model_dir, monk
     monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
     from transformers import AutoModelForCausalLM
 
-    data = learnable_data(tmp_path / "data.jsonl")
+    data = learnable_data(tmp_path / "data.jsonl", num_conversations=40, reply_words=14)
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     assert main(common_args(tiny_model_dir, data, stage1) + ["--max-steps", "4", "--lr", "3e-3"]) == 0
     argv = common_args(tiny_model_dir, data, stage2) + [
@@ -208,7 +196,7 @@ def test_full_fine_tuning_saves_the_base_and_matching_heads(tmp_path, tiny_model
     monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
     from transformers import AutoModelForCausalLM
 
-    data = learnable_data(tmp_path / "data.jsonl", num_conversations=20)
+    data = learnable_data(tmp_path / "data.jsonl", num_conversations=20, reply_words=14)
     out = tmp_path / "full"
     argv = common_args(tiny_model_dir, data, out) + [
         "--mode", "medusa2", "--base-train", "full", "--base-loss", base_loss, "--max-steps", "2", "--lr", "1e-3",

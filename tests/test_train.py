@@ -1,33 +1,21 @@
 """The training loop end to end on a tiny model folder, through the real CLI entry point."""
 
 import json
-import random
 
 import pytest
 import torch
-from helpers import save_tiny_model, sharegpt, write_jsonl
+from helpers import learnable_data, save_tiny_model
 
 from medusaforge.cli import main
 from medusaforge.config import parse_config
 from medusaforge.heads import load_heads
-from medusaforge.train import TrainConfig, batch_schedule, cosine_with_warmup, split_examples
+from medusaforge.train import TrainConfig
+from medusaforge.training import batch_schedule, cosine_with_warmup, split_examples
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-def learnable_data(path, num_conversations=48, seed=0):
-    """Assistant replies walk a fixed cycle of words, so token t+2 is a function of token t."""
-    words = "the quick brown fox jumps over the lazy dog and then".split()
-    rng = random.Random(seed)
-    records = []
-    for _ in range(num_conversations):
-        start = rng.randrange(len(words))
-        reply = " ".join(words[(start + i) % len(words)] for i in range(18))
-        records.append(sharegpt(("human", f"Hello {rng.randrange(100)}"), ("gpt", reply)))
-    return write_jsonl(path, records)
 
 
 def test_loss_goes_down_and_head0_accuracy_goes_up(tmp_path, tiny_model_dir, monkeypatch):
