@@ -230,8 +230,9 @@ def load_heads(
 ) -> MedusaHeads:
     """Load heads saved by `MedusaHeads.save`; with `base`, check they belong to it.
 
-    Loading uses safetensors only, so no pickled code is ever executed. Folders in an engine's
-    layout (vLLM, original Medusa) are converted on load by importer.import_heads.
+    No pickled code is ever executed: our folders are safetensors, and folders in an engine's
+    layout (vLLM, original Medusa) are converted on load by importer.import_heads, which reads a
+    legacy `.pt` only through `torch.load(weights_only=True)`.
     """
     directory = Path(directory)
     from .importer import import_heads, is_medusaforge_folder
