@@ -27,14 +27,6 @@ def best_path(lengths: torch.Tensor) -> tuple[int, int]:
     return best, int(lengths[best])
 
 
-def greedy_accept(path_tokens: torch.Tensor, path_logits: torch.Tensor) -> tuple[int, int, torch.Tensor]:
-    """-> (path index, accepted candidates, [L, D + 1] base argmax). Lossless: every emitted token
-    is the base model's own argmax given the tokens before it."""
-    base_choice = path_logits.argmax(dim=-1)
-    path, length = best_path(accepted_lengths(path_tokens, base_choice))
-    return path, length, base_choice
-
-
 def typical_threshold(logits: torch.Tensor, temperature: float, epsilon: float, alpha: float) -> torch.Tensor:
     """Medusa's typical acceptance threshold min(epsilon, alpha * exp(-entropy)) per distribution.
     logits: [..., V] -> [...]. A confident (low-entropy) base accepts only likely tokens; an unsure

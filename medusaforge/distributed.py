@@ -125,12 +125,6 @@ def all_gather_objects(value, context: DistributedContext) -> list:
     return gathered
 
 
-def any_rank(flag: bool, context: DistributedContext) -> bool:
-    """True if `flag` is true on any rank, so every rank takes the same branch (no collective hangs)."""
-    value = torch.tensor([1.0 if flag else 0.0])
-    return bool(all_reduce_sum(value, context).item() > 0)
-
-
 class HeadsWithLoss(nn.Module):
     """The heads and their loss as one forward call. DDP hooks its gradient all-reduce into
     forward, and the loss calls head methods rather than `heads(...)`, so this gives DDP a forward."""

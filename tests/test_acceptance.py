@@ -3,7 +3,6 @@ import torch
 from medusaforge.acceptance import (
     accepted_lengths,
     best_path,
-    greedy_accept,
     typical_accepted_lengths,
     typical_best_path,
     typical_threshold,
@@ -27,7 +26,9 @@ def test_greedy_counts_matching_prefix_only():
 def test_greedy_accept_on_hand_made_logits():
     path_tokens = torch.tensor([[1, 2, 3], [1, 4, -1]])
     logits = one_hot_logits([[4, 3, 0], [4, 5, 0]])
-    path, accepted, choice = greedy_accept(path_tokens, logits)
+    # As the decoder does it: the base's argmax after each node, then the longest matching path.
+    choice = logits.argmax(dim=-1)
+    path, accepted = best_path(accepted_lengths(path_tokens, choice))
     assert (path, accepted) == (1, 1)
     assert choice[path, accepted].item() == 5  # the base's own next token after the accepted node
 
