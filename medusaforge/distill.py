@@ -8,6 +8,7 @@ source; replies are generated in batches (left padding), greedy by default.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -19,9 +20,10 @@ from tqdm import tqdm
 
 from .config import option
 from .data import read_conversations
+from .instructions import instruction_prompts
 from .models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 
-BUILTIN_SOURCES = ("chitchat",)
+BUILTIN_SOURCES = ("chitchat", "instructions")
 
 
 @dataclass
@@ -29,7 +31,7 @@ class DistillConfig:
     """Generate assistant replies with the base model and write ShareGPT JSONL."""
 
     model: str = option(DEFAULT_MODEL, "base model: local HF folder, hub id, or the built-in smollm2-135m-instruct")
-    prompts: str = option("chitchat", "JSONL whose user turns are the prompts, or the built-in source 'chitchat'")
+    prompts: str = option("chitchat", "JSONL whose user turns are the prompts, or built-in sources: 'chitchat', 'instructions', or both joined by '+' (taken in turn)")
     out: Path = option(Path("runs/distill.jsonl"), "output ShareGPT JSONL")
     num_prompts: int = option(256, "how many prompts to use (0: all)")
     skip_prompts: int = option(0, "skip this many prompts first (to make a disjoint held-out set)")
@@ -66,6 +68,27 @@ def chitchat_prompts(min_chars: int, seed: int) -> list[list[dict]]:
             prompts.append([{"role": "user", "content": text}])
     random.Random(seed).shuffle(prompts)
     return prompts
+
+
+def builtin_prompts(sources: str, min_chars: int, seed: int) -> list[list[dict]]:
+    """'chitchat', 'instructions' or 'chitchat+instructions': several sources are interleaved one
+    prompt at a time, so --num-prompts takes an equal share of each."""
+    chitchat = chitchat_prompts(min_chars, seed)
+    lists = []
+    for name in sources.split("+"):
+        if name == "chitchat":
+            lists.append(chitchat)
+        elif name == "instructions":
+            # The request-to-summarise prompts quote chitchat messages other than the chitchat prompts used above.
+            openers = [chat[0]["content"] for chat in chitchat[::-1]]
+            lists.append(instruction_prompts(seed, openers[: len(openers) // 2]))
+        else:
+            raise ValueError(f"unknown built-in prompt source {name!r}; expected one of {', '.join(BUILTIN_SOURCES)}")
+    return [chat for group in itertools.zip_longest(*lists) for chat in group if chat is not None]
+
+
+def is_builtin(prompts: str) -> bool:
+    return all(name in BUILTIN_SOURCES for name in prompts.split("+"))
 
 
 def file_prompts(path: Path, skip_invalid: bool) -> list[list[dict]]:
@@ -130,8 +153,8 @@ def run(config: DistillConfig) -> Path:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
 
-    if config.prompts in BUILTIN_SOURCES:
-        prompts = chitchat_prompts(config.min_prompt_chars, config.seed)
+    if is_builtin(config.prompts):
+        prompts = builtin_prompts(config.prompts, config.min_prompt_chars, config.seed)
     else:
         prompts = file_prompts(Path(config.prompts), config.skip_invalid)
     prompts = prompts[config.skip_prompts :]
