@@ -1,0 +1,57 @@
+"""`medusaforge eval` end to end on a tiny fp32 model: the JSON the issue asks for, both modes."""
+
+import json
+
+import torch
+
+from medusaforge.cli import main
+from medusaforge.evaluate import head_acceptance
+from medusaforge.heads import MedusaHeads
+from medusaforge.models import load_base_model, lm_head_of
+
+from helpers import save_tiny_model, write_jsonl
+
+
+def make_inputs(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    base = load_base_model(model_dir, check=False)
+    torch.manual_seed(0)
+    heads = MedusaHeads(base.config.hidden_size, base.config.vocab_size, 2, 1, base_model=str(model_dir))
+    heads.init_from_base(lm_head_of(base).weight)
+    heads_dir = heads.save(tmp_path / "heads")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hello there"}, {"turns": ["What is the capital of France?"]}])
+    return model_dir, heads_dir, prompts
+
+
+def test_eval_writes_the_required_keys_and_outputs_are_identical_in_fp32(tmp_path):
+    model_dir, heads_dir, prompts = make_inputs(tmp_path)
+    out = tmp_path / "eval.json"
+    main(["eval", "--model", str(model_dir), "--heads", str(heads_dir), "--prompts", str(prompts),
+          "--max-new-tokens", "12", "--dtype", "fp32", "--warmup-tokens", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    for key in ("accept_length", "speedup", "medusa_tokens_per_s", "baseline_tokens_per_s", "identical", "num_prompts"):
+        assert result[key] is not None, key
+    assert result["num_prompts"] == 2 and result["identical"] is True and result["num_identical"] == 2
+    assert result["accept_length"] >= 1.0
+    steps = sum(r["verify_steps"] for r in result["prompts_detail"])
+    # Every emitted token but the prefill's first comes from a verify step (a last step may be cut at the limit).
+    emitted_by_steps = sum(int(n) * c for n, c in result["accept_length_histogram"].items())
+    assert emitted_by_steps >= sum(r["medusa_tokens"] - 1 for r in result["prompts_detail"])
+    assert steps == result["verify_steps"]
+
+
+def test_eval_without_baseline_reports_acceptance_only(tmp_path):
+    model_dir, heads_dir, prompts = make_inputs(tmp_path)
+    out = tmp_path / "eval.json"
+    main(["eval", "--model", str(model_dir), "--heads", str(heads_dir), "--prompts", str(prompts),
+          "--max-new-tokens", "12", "--dtype", "fp32", "--baseline", "false", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["speedup"] is None and result["identical"] is None and result["baseline_tokens_per_s"] is None
+    assert result["accept_length"] >= 1.0 and result["medusa_tokens_per_s"] > 0
+
+
+def test_head_acceptance_on_hand_counts():
+    # Steps accepted 0, 1, 2, 2 candidates: head 0 right in 3 of 4 steps, head 1 in 2 of 4 (2 of the 3 that reached it).
+    rates = head_acceptance([0, 1, 2, 2], num_heads=2)
+    assert rates["rate"] == [0.75, 0.5]
+    assert rates["conditional"] == [0.75, 2 / 3]
