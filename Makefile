@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: setup
 	$(BIN)/medusaforge distill --config configs/demo-distill.yaml --overwrite
+	$(BIN)/medusaforge cache --config configs/demo-cache.yaml --overwrite
 	$(BIN)/medusaforge train --config configs/demo-train.yaml --overwrite
 
 # The longer recipe that aims at head-0 >= 0.55 / head-1 >= 0.30 held-out top-1 (see README).

@@ -42,7 +42,7 @@ class TreeSearchConfig:
 
     model: str = option(DEFAULT_MODEL, "base model: built-in name, local folder or hub id")
     heads: Path = option(Path("runs/demo/heads"), "heads folder (a train --out folder or its heads/ subfolder)")
-    prompts: str = option("mt-bench", "calibration prompts file (.jsonl / .txt) or 'mt-bench'")
+    prompts: str | None = option(None, "calibration prompts file (.jsonl / .txt), or 'mt-bench'; use prompts you will not evaluate on")
     limit: int = option(8, "calibration prompts to use (0 = all)")
     calibration_tokens: int = option(96, "greedy tokens the base writes per calibration prompt")
     max_rank: int = option(8, "candidates per head considered (top-k)")
@@ -53,6 +53,10 @@ class TreeSearchConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     out: Path = option(Path("tree.json"), "where to write the chosen tree")
     allow_other_base: bool = option(False, "use heads trained against different base weights")
+
+    def validate(self) -> None:
+        if self.prompts is None:
+            raise ValueError("--prompts is required: calibration prompts like the ones the heads will serve (not the evaluation set)")
 
 
 @torch.inference_mode()
