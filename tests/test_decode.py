@@ -144,3 +144,56 @@ def test_tree_deeper_than_heads_is_refused():
     heads = prepare_heads(MedusaHeads(64, VOCAB, num_heads=2), base)
     with pytest.raises(ValueError, match="depth 4"):
         medusa_generate(base, heads, PROMPT, 5, tree=TREE)
+
+
+# ---- exact tree attention: bf16 outputs equal to generate() bit for bit ------------------------
+# head_dim 64 and a 40-token prompt: at this shape the batched masked pass of this CPU's SDPA does
+# not give the one-token step's bits (5 of 8 nodes differ for the Llama below), so the exact path is
+# what these tests check.
+
+LONG_PROMPT = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(0))
+
+
+def bf16_model(make_config, seed):
+    torch.manual_seed(seed)
+    sizes = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    model_class = LlamaForCausalLM if make_config is LlamaConfig else Qwen2ForCausalLM
+    config = make_config(vocab_size=VOCAB, bos_token_id=None, eos_token_id=None, pad_token_id=None, **sizes)
+    return model_class(config).eval().to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("make_config", [LlamaConfig, Qwen2Config])
+def test_exact_tree_pass_is_bitwise_the_one_token_steps_in_bf16(make_config):
+    from medusaforge.tree_attention import depth_groups, exact_tree_attention, visible_positions
+
+    base = bf16_model(make_config, seed=0)
+    decoder = base.get_decoder()
+    buffers = build_tree_buffers(TREE)
+    tokens = torch.tensor([9, 30, 31, 40, 41, 42, 50, 60])
+    prefix = len(LONG_PROMPT)
+    with torch.inference_mode(), exact_tree_attention(base):
+        cache = new_cache(base)
+        run_decoder(decoder, LONG_PROMPT[None], torch.arange(prefix)[None], cache)
+        visible = visible_positions(depth_groups(buffers.attention_mask), prefix)
+        mask = verify_attention_mask(buffers, prefix, torch.bfloat16)
+        tree_hidden = run_decoder(decoder, tokens[None], (prefix + buffers.depths)[None], cache, mask, tree_visible=visible)[0]
+    assert base.config._attn_implementation == "sdpa"  # restored after the block
+    with torch.inference_mode():
+        for node in range(buffers.num_nodes):
+            path = buffers.attention_mask[node].nonzero().flatten()  # root .. node
+            step_cache = new_cache(base)
+            run_decoder(decoder, LONG_PROMPT[None], torch.arange(prefix)[None], step_cache)
+            for offset, token in enumerate(tokens[path].tolist()):
+                hidden = run_decoder(decoder, torch.tensor([[token]]), torch.tensor([[prefix + offset]]), step_cache)[0, 0]
+            assert torch.equal(hidden, tree_hidden[node]), f"node {node}"
+
+
+# Seeds where the batched (exact=False) pass parts from generate() within the 60 tokens.
+@pytest.mark.parametrize("make_config, seed", [(LlamaConfig, 2), (Qwen2Config, 1)])
+def test_bf16_greedy_equals_generate_bit_for_bit(make_config, seed):
+    base = bf16_model(make_config, seed=seed)
+    expected = hf_greedy(base, LONG_PROMPT, 60)
+    reference = LONG_PROMPT.tolist() + hf_greedy(base, LONG_PROMPT, 68)
+    result = medusa_generate(base, None, LONG_PROMPT, 60, tree=TREE, propose=oracle(reference, True))
+    assert result.tokens == expected
+    assert max(result.accept_lengths) == 5
