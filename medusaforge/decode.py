@@ -14,6 +14,7 @@ The cache is transformers' own DynamicCache, so any HF Llama/Qwen/Mistral-style 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -96,17 +97,6 @@ def keep_cache_entries(cache, prefix_length: int, nodes: torch.Tensor) -> None:
         layer.values = layer.values[..., :kept, :]
 
 
-def verify_forward(base: nn.Module, tokens, positions, cache, buffers: TreeBuffers, prefix_length: int, groups=None) -> torch.Tensor:
-    """One base forward over the tree's N tokens -> [N, hidden]. `groups` (tree_attention.depth_groups)
-    runs exact attention, bit-identical to one-token steps; None runs one batched masked pass."""
-    mask = verify_attention_mask(buffers, prefix_length, lm_head_of(base).weight.dtype)
-    if groups is None:
-        return run_decoder(base.get_decoder(), tokens[None], positions, cache, mask)[0]
-    with exact_tree_attention(base):
-        visible = visible_positions(groups, prefix_length)
-        return run_decoder(base.get_decoder(), tokens[None], positions, cache, mask, tree_visible=visible)[0]
-
-
 # ---- candidates from the heads ----------------------------------------------------------------
 
 
@@ -168,6 +158,16 @@ def medusa_generate(
     temperature > 0 uses typical acceptance (threshold min(epsilon, alpha * exp(-entropy))).
     `propose` replaces the heads as the source of candidates (tests use an oracle).
     """
+    with exact_tree_attention(base) if exact else contextlib.nullcontext():
+        return _medusa_generate(
+            base, heads, input_ids, max_new_tokens, eos_token_ids, tree, temperature, typical_epsilon, typical_alpha,
+            generator, propose, exact,
+        )
+
+
+def _medusa_generate(
+    base, heads, input_ids, max_new_tokens, eos_token_ids, tree, temperature, typical_epsilon, typical_alpha, generator, propose, exact
+) -> DecodeResult:
     eos = set(int(t) for t in eos_token_ids)
     device = lm_head_of(base).weight.device
     prompt = input_ids.reshape(-1).to(device)
@@ -188,6 +188,7 @@ def medusa_generate(
 
     decoder = base.get_decoder()
     lm_head = lm_head_of(base)
+    dtype = lm_head.weight.dtype
     retrieve = buffers.retrieve_indices.clamp(min=0)  # [L, D + 1]; pads point at the root ...
     padding = buffers.retrieve_indices < 0  # ... and are masked to token -1, which never matches
     cache = new_cache(base)
@@ -205,7 +206,9 @@ def medusa_generate(
         candidates = propose(hidden, prompt.tolist() + result.tokens if oracle else [])
         tokens = tree_tokens(root, candidates.to(device), buffers)  # [N]
         positions = (prefix_length + buffers.depths)[None]
-        tree_hidden = verify_forward(base, tokens, positions, cache, buffers, prefix_length, groups)  # [N, hidden]
+        mask = verify_attention_mask(buffers, prefix_length, dtype)
+        exact_kwargs = {"tree_visible": visible_positions(groups, prefix_length)} if exact else {}
+        tree_hidden = run_decoder(decoder, tokens[None], positions, cache, mask, **exact_kwargs)[0]  # [N, hidden]
         logits = lm_head(tree_hidden)  # [N, V]
 
         path_tokens = tokens[retrieve].masked_fill(padding, -1)  # [L, D + 1]

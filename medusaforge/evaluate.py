@@ -39,7 +39,6 @@ class EvalConfig:
     json: Path = option(Path("eval.json"), "where to write the results")
     histogram: Path | None = option(None, "PNG histogram of accepted lengths (default: next to --json)")
     allow_other_base: bool = option(False, "use heads trained against different base weights")
-    exact: bool = option(True, "greedy: run tree attention as one-token steps run it, so bf16 output is bit-identical to generate(); false: one batched pass, faster, may differ at bf16 near-ties")
     baseline: bool = option(True, "also run plain greedy decoding (speedup, identical); off: acceptance only, half the time")
 
     def validate(self) -> None:
@@ -115,7 +114,7 @@ def run(config: EvalConfig) -> dict:
     print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, tree of {len(tree)} nodes", flush=True)
 
     def medusa(ids, n) -> DecodeResult:
-        return medusa_generate(base, heads, ids, n, eos, tree, exact=config.exact)
+        return medusa_generate(base, heads, ids, n, eos, tree)
 
     if config.baseline:
         hf_greedy(base, encoded[0], config.warmup_tokens, eos)  # warm-up: first calls allocate and pick kernels

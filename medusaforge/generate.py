@@ -34,7 +34,6 @@ class GenerateConfig:
     dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     seed: int = option(0, "random seed for sampling")
-    exact: bool = option(True, "greedy: run tree attention as one-token steps run it, so bf16 output is bit-identical to generate(); false: one batched pass, faster, may differ at bf16 near-ties")
     allow_other_base: bool = option(False, "use heads trained against different base weights")
 
     def validate(self) -> None:
@@ -89,7 +88,7 @@ def run(config: GenerateConfig) -> None:
         result = medusa_generate(
             base, heads, input_ids, config.max_new_tokens, eos, tree,
             temperature=config.temperature, typical_epsilon=config.typical_epsilon,
-            typical_alpha=config.typical_alpha, generator=generator, exact=config.exact,
+            typical_alpha=config.typical_alpha, generator=generator,
         )
         seconds = time.perf_counter() - start
         print(tokenizer.decode(result.tokens, skip_special_tokens=True))

@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 
 from .config import option
-from .decode import head_candidates, medusa_generate, new_cache, run_decoder, verify_forward
+from .decode import head_candidates, medusa_generate, new_cache, run_decoder
 from .evaluate import hf_greedy
 from .generate import load_for_decoding, stop_token_ids
 from .models import DEFAULT_MODEL, final_hidden_states, lm_head_of
 from .prompts import encode_prompt, load_prompts
-from .tree_attention import depth_groups
 from .tree import (
     build_tree_buffers,
     expected_accept_length_from_frequencies,
@@ -33,6 +32,7 @@ from .tree import (
     path_frequencies,
     save_tree,
     tree_tokens,
+    verify_attention_mask,
 )
 
 
@@ -52,7 +52,6 @@ class TreeSearchConfig:
     dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     out: Path = option(Path("tree.json"), "where to write the chosen tree")
-    exact: bool = option(True, "time and check the exact (bit-identical to generate()) tree attention that decoding uses by default; false: the batched one")
     allow_other_base: bool = option(False, "use heads trained against different base weights")
 
     def validate(self) -> None:
@@ -78,21 +77,21 @@ def truth_ranks(base, heads, sequence: torch.Tensor, prompt_length: int, max_ran
 
 
 @torch.inference_mode()
-def time_decode_step(base, heads, paths, prefix: torch.Tensor, repeats: int, exact: bool = True) -> float:
+def time_decode_step(base, heads, paths, prefix: torch.Tensor, repeats: int) -> float:
     """Median seconds of one Medusa step (head candidates + verify forward + lm_head) after `prefix`."""
     buffers = build_tree_buffers(paths).to(prefix.device)
-    groups = depth_groups(buffers.attention_mask) if exact else None
     decoder, lm_head = base.get_decoder(), lm_head_of(base)
     cache = new_cache(base)
     hidden = run_decoder(decoder, prefix[None], torch.arange(len(prefix), device=prefix.device)[None], cache)[0, -1]
     length = len(prefix)
+    mask = verify_attention_mask(buffers, length, lm_head.weight.dtype)
     positions = (length + buffers.depths)[None]
     times = []
     for _ in range(repeats + 1):  # the first run warms up kernels for this shape
         start = time.perf_counter()
         candidates = head_candidates(heads, hidden, buffers.topk, buffers.max_depth)
         tokens = tree_tokens(prefix[-1], candidates, buffers)
-        lm_head(verify_forward(base, tokens, positions, cache, buffers, length, groups)).argmax(dim=-1).tolist()
+        lm_head(run_decoder(decoder, tokens[None], positions, cache, mask)[0]).argmax(dim=-1).tolist()
         times.append(time.perf_counter() - start)
         for layer in cache.layers:  # drop the tree's KV entries again
             layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
@@ -144,7 +143,7 @@ def run(config: TreeSearchConfig) -> dict:
     for size in config.sizes:
         paths = grow_tree_from_frequencies(frequencies, size)
         expected = expected_accept_length_from_frequencies(paths, frequencies)
-        step = time_decode_step(base, heads, paths, prefix, config.repeats, config.exact)
+        step = time_decode_step(base, heads, paths, prefix, config.repeats)
         rows.append({"nodes": len(paths), "depth": max(map(len, paths)), "expected_accept_length": expected,
                      "step_ms": step * 1000, "expected_tokens_per_s": expected / step, "paths": paths})
         row = rows[-1]
@@ -166,7 +165,7 @@ def run(config: TreeSearchConfig) -> dict:
     if config.measure_prompts > 0:
         accepted = []
         for ids in encoded[: config.measure_prompts]:
-            accepted += medusa_generate(base, heads, ids, config.calibration_tokens, eos, best["paths"], exact=config.exact).accepted
+            accepted += medusa_generate(base, heads, ids, config.calibration_tokens, eos, best["paths"]).accepted
         measured = sum(a + 1 for a in accepted) / max(len(accepted), 1)
         summary["measured_accept_length"] = measured
         print(f"accept length: expected {best['expected_accept_length']:.2f}, measured {measured:.2f} "
