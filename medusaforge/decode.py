@@ -14,7 +14,6 @@ The cache is transformers' own DynamicCache, so any HF Llama/Qwen/Mistral-style 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from torch.nn import functional as F
 from .acceptance import accepted_lengths, best_path, sample, typical_accepted_lengths, typical_best_path
 from .models import lm_head_of
 from .tree import TreeBuffers, build_tree_buffers, check_tree_fits, default_tree, tree_tokens, verify_attention_mask
-from .tree_attention import depth_groups, exact_tree_attention, visible_positions
 
 # (hidden [hidden_size] of the last verified position, every token so far incl. the root) -> [num_heads, topk]
 Propose = Callable[[torch.Tensor, list[int]], torch.Tensor]
@@ -65,7 +63,7 @@ def _cache_kwarg(decoder: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
-def run_decoder(decoder: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache, attention_mask=None, **kwargs) -> torch.Tensor:
+def run_decoder(decoder: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache, attention_mask=None) -> torch.Tensor:
     """tokens, positions: [1, T] -> [1, T, hidden] final post-norm hidden states; appends T KV entries."""
     outputs = decoder(
         input_ids=tokens,
@@ -73,7 +71,6 @@ def run_decoder(decoder: nn.Module, tokens: torch.Tensor, positions: torch.Tenso
         attention_mask=attention_mask,
         use_cache=True,
         **{_cache_kwarg(decoder): cache},
-        **kwargs,
     )
     return outputs.last_hidden_state
 
@@ -146,28 +143,13 @@ def medusa_generate(
     typical_alpha: float = 0.3,
     generator: torch.Generator | None = None,
     propose: Propose | None = None,
-    exact: bool = True,
 ) -> DecodeResult:
     """Generate up to `max_new_tokens` after `input_ids` ([T] or [1, T]).
 
     temperature 0 is greedy and lossless: the tokens equal `base.generate(do_sample=False)`'s.
-    With `exact` (the default) they are equal bit for bit in any dtype, because every tree node's
-    attention is computed as a one-token step computes it (medusaforge/tree_attention.py); without
-    it the tree pass is one batched attention call, faster, and in bf16 may part from `generate()`
-    at near-ties of the top two logits.
     temperature > 0 uses typical acceptance (threshold min(epsilon, alpha * exp(-entropy))).
     `propose` replaces the heads as the source of candidates (tests use an oracle).
     """
-    with exact_tree_attention(base) if exact else contextlib.nullcontext():
-        return _medusa_generate(
-            base, heads, input_ids, max_new_tokens, eos_token_ids, tree, temperature, typical_epsilon, typical_alpha,
-            generator, propose, exact,
-        )
-
-
-def _medusa_generate(
-    base, heads, input_ids, max_new_tokens, eos_token_ids, tree, temperature, typical_epsilon, typical_alpha, generator, propose, exact
-) -> DecodeResult:
     eos = set(int(t) for t in eos_token_ids)
     device = lm_head_of(base).weight.device
     prompt = input_ids.reshape(-1).to(device)
@@ -192,7 +174,6 @@ def _medusa_generate(
     retrieve = buffers.retrieve_indices.clamp(min=0)  # [L, D + 1]; pads point at the root ...
     padding = buffers.retrieve_indices < 0  # ... and are masked to token -1, which never matches
     cache = new_cache(base)
-    groups = depth_groups(buffers.attention_mask) if exact else None
 
     hidden = run_decoder(decoder, prompt[None], torch.arange(len(prompt), device=device)[None], cache)[0, -1]
     root = sample(lm_head(hidden), temperature, generator)
@@ -207,8 +188,7 @@ def _medusa_generate(
         tokens = tree_tokens(root, candidates.to(device), buffers)  # [N]
         positions = (prefix_length + buffers.depths)[None]
         mask = verify_attention_mask(buffers, prefix_length, dtype)
-        exact_kwargs = {"tree_visible": visible_positions(groups, prefix_length)} if exact else {}
-        tree_hidden = run_decoder(decoder, tokens[None], positions, cache, mask, **exact_kwargs)[0]  # [N, hidden]
+        tree_hidden = run_decoder(decoder, tokens[None], positions, cache, mask)[0]  # [N, hidden]
         logits = lm_head(tree_hidden)  # [N, V]
 
         path_tokens = tokens[retrieve].masked_fill(padding, -1)  # [L, D + 1]
