@@ -3,6 +3,7 @@ same global batch, and the slicing helpers split a batch the way DistributedSamp
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -71,6 +72,12 @@ def test_two_gloo_processes_match_one_process(tmp_path, single_process_run, extr
         "-m", "medusaforge.cli", *train_args(model_dir, data, tmp_path / "ddp"), *extra,
     ]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    if finished.returncode != 0 and "terminate called without an active exception" in finished.stderr:
+        # Seen once in about a dozen --fsdp-base runs on a 2-core CI machine: rank 1 aborted inside gloo
+        # right after loading the model, before any training step. Retried once from an empty folder;
+        # any other failure, or a second abort, fails the test.
+        shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
+        finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     single, ddp = read_metrics(root / "single"), read_metrics(tmp_path / "ddp")
