@@ -2,8 +2,9 @@
 
 Heads trained on the model's own replies learn what the model really says, which matters more for
 acceptance than anything else (on SmolLM2: 0.44 head-0 top-1 on own replies against 0.16 on
-human text). Prompts come from the user turns of a JSONL file or from the built-in `chitchat`
-source; replies are generated in batches (left padding), greedy by default.
+human text). Prompts come from the user turns of a JSONL file or from the built-in sources
+(`chitchat`, `instructions`, or both in turn); replies are generated in batches (left padding),
+greedy by default.
 """
 
 from __future__ import annotations

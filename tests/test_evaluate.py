@@ -23,12 +23,16 @@ def make_inputs(tmp_path):
     return model_dir, heads_dir, prompts
 
 
-def test_eval_writes_the_required_keys_and_outputs_are_identical_in_fp32(tmp_path):
+def run_eval(tmp_path, *extra) -> dict:
     model_dir, heads_dir, prompts = make_inputs(tmp_path)
     out = tmp_path / "eval.json"
     main(["eval", "--model", str(model_dir), "--heads", str(heads_dir), "--prompts", str(prompts),
-          "--max-new-tokens", "12", "--dtype", "fp32", "--warmup-tokens", "2", "--json", str(out)])
-    result = json.loads(out.read_text())
+          "--max-new-tokens", "12", "--dtype", "fp32", "--warmup-tokens", "2", "--json", str(out), *extra])
+    return json.loads(out.read_text())
+
+
+def test_eval_writes_the_required_keys_and_outputs_are_identical_in_fp32(tmp_path):
+    result = run_eval(tmp_path)
     for key in ("accept_length", "speedup", "medusa_tokens_per_s", "baseline_tokens_per_s", "identical", "num_prompts"):
         assert result[key] is not None, key
     assert result["num_prompts"] == 2 and result["identical"] is True and result["num_identical"] == 2
@@ -41,11 +45,7 @@ def test_eval_writes_the_required_keys_and_outputs_are_identical_in_fp32(tmp_pat
 
 
 def test_eval_without_baseline_reports_acceptance_only(tmp_path):
-    model_dir, heads_dir, prompts = make_inputs(tmp_path)
-    out = tmp_path / "eval.json"
-    main(["eval", "--model", str(model_dir), "--heads", str(heads_dir), "--prompts", str(prompts),
-          "--max-new-tokens", "12", "--dtype", "fp32", "--baseline", "false", "--json", str(out)])
-    result = json.loads(out.read_text())
+    result = run_eval(tmp_path, "--baseline", "false")
     assert result["speedup"] is None and result["identical"] is None and result["baseline_tokens_per_s"] is None
     assert result["accept_length"] >= 1.0 and result["medusa_tokens_per_s"] > 0
 
