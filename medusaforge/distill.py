@@ -89,7 +89,9 @@ def builtin_prompts(sources: str, min_chars: int, seed: int) -> list[list[dict]]
 
 
 def is_builtin(prompts: str) -> bool:
-    return all(name in BUILTIN_SOURCES for name in prompts.split("+"))
+    """A name with any built-in part (and no such file) goes to builtin_prompts, so a misspelt
+    part like 'chitchat+instruction' gets its clear error rather than 'file not found'."""
+    return not Path(prompts).exists() and any(name in BUILTIN_SOURCES for name in prompts.split("+"))
 
 
 def file_prompts(path: Path, skip_invalid: bool) -> list[list[dict]]:
