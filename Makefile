@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch 2.13.0; on a CUDA machine pip picks the matching CUDA build of the same version.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo full test eval bench clean-cache
+.PHONY: setup demo full test clean-cache
 
 setup: $(VENV)/.installed
 
