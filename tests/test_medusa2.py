@@ -219,3 +219,23 @@ def test_medusa2_options_are_validated(tmp_path):
     path.write_text("mode: medusa2\nbase_train: partial\ndata: x.jsonl\n")
     with pytest.raises(ValueError, match="base-train"):
         parse_config(TrainConfig, ["--config", str(path)])
+
+
+def test_stage_two_from_truncated_vocabulary_heads_keeps_their_token_map(tmp_path, tiny_model_dir, monkeypatch):
+    # The demo's stage-1 heads project onto a truncated vocabulary; stage 2 must train them as they are.
+    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
+    from transformers import AutoModelForCausalLM
+
+    data = learnable_data(tmp_path / "data.jsonl", num_conversations=20, reply_words=14)
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    assert main(common_args(tiny_model_dir, data, stage1) + ["--max-steps", "2", "--head-vocab", "24"]) == 0
+    argv = common_args(tiny_model_dir, data, stage2) + [
+        "--mode", "medusa2", "--init-heads", str(stage1 / "heads"), "--max-steps", "2", "--lr", "1e-3",
+        "--lora-rank", "4", "--lora-target-modules", *LORA_TARGETS, "--merge",
+    ]
+    assert main(argv) == 0
+    stage1_heads = load_heads(stage1 / "heads", base=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    heads = load_heads(stage2 / "heads", base=AutoModelForCausalLM.from_pretrained(stage2 / "merged"))
+    assert heads.config.head_vocab_size == 24 and torch.equal(heads.token_map, stage1_heads.token_map)
+    assert heads.heads[0].lm_head.weight.shape == stage1_heads.heads[0].lm_head.weight.shape
+    assert not torch.equal(heads.heads[0].lm_head.weight, stage1_heads.heads[0].lm_head.weight)
