@@ -30,4 +30,3 @@ def test_config_loads_and_validates(path):
     config_class, _ = _load(command_of(path))
     config = config_from_args(config_class, argparse.Namespace(config=path))
     assert type(config) is config_class
-
