@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh clone:
 #   make demo   - set up, self-distill SmolLM2-135M-Instruct replies to chat and instruction prompts,
 #                 cache its hidden states, train 4 heads, print per-head held-out accuracy
-#                 (about 30 minutes on a 2-core CPU)
+#                 (about 25 minutes on a 2-core CPU)
 #   make test   - set up, run the test suite
 VENV ?= .venv
 PYTHON ?= python3
