@@ -152,18 +152,26 @@ def common_args(model_dir, data, out):
     ]
 
 
+def run_two_stages(tmp_path, model_dir, num_conversations, stage1_args, stage2_args):
+    """Stage 1 (heads only) then stage 2 (medusa2 with LoRA, from the stage-1 heads) -> their out folders."""
+    data = learnable_data(tmp_path / "data.jsonl", num_conversations=num_conversations, reply_words=14)
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    assert main(common_args(model_dir, data, stage1) + stage1_args) == 0
+    argv = common_args(model_dir, data, stage2) + [
+        "--mode", "medusa2", "--init-heads", str(stage1 / "heads"), "--lora-rank", "4", "--lora-target-modules", *LORA_TARGETS,
+    ]
+    assert main(argv + stage2_args) == 0
+    return stage1, stage2
+
+
 def test_two_stage_recipe_lora_distill_with_merge(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
     from transformers import AutoModelForCausalLM
 
-    data = learnable_data(tmp_path / "data.jsonl", num_conversations=40, reply_words=14)
-    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    assert main(common_args(tiny_model_dir, data, stage1) + ["--max-steps", "4", "--lr", "3e-3"]) == 0
-    argv = common_args(tiny_model_dir, data, stage2) + [
-        "--mode", "medusa2", "--init-heads", str(stage1 / "heads"), "--max-steps", "4", "--lr", "1e-2",
-        "--lora-rank", "4", "--lora-target-modules", *LORA_TARGETS, "--heads-weight-schedule", "linear", "--merge",
-    ]
-    assert main(argv) == 0
+    stage1, stage2 = run_two_stages(
+        tmp_path, tiny_model_dir, 40, ["--max-steps", "4", "--lr", "3e-3"],
+        ["--max-steps", "4", "--lr", "1e-2", "--heads-weight-schedule", "linear", "--merge"],
+    )
 
     summary = json.loads((stage2 / "summary.json").read_text())
     quality = summary["base_quality"]
@@ -226,14 +234,9 @@ def test_stage_two_from_truncated_vocabulary_heads_keeps_their_token_map(tmp_pat
     monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
     from transformers import AutoModelForCausalLM
 
-    data = learnable_data(tmp_path / "data.jsonl", num_conversations=20, reply_words=14)
-    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    assert main(common_args(tiny_model_dir, data, stage1) + ["--max-steps", "2", "--head-vocab", "24"]) == 0
-    argv = common_args(tiny_model_dir, data, stage2) + [
-        "--mode", "medusa2", "--init-heads", str(stage1 / "heads"), "--max-steps", "2", "--lr", "1e-3",
-        "--lora-rank", "4", "--lora-target-modules", *LORA_TARGETS, "--merge",
-    ]
-    assert main(argv) == 0
+    stage1, stage2 = run_two_stages(
+        tmp_path, tiny_model_dir, 20, ["--max-steps", "2", "--head-vocab", "24"], ["--max-steps", "2", "--lr", "1e-3", "--merge"]
+    )
     stage1_heads = load_heads(stage1 / "heads", base=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     heads = load_heads(stage2 / "heads", base=AutoModelForCausalLM.from_pretrained(stage2 / "merged"))
     assert heads.config.head_vocab_size == 24 and torch.equal(heads.token_map, stage1_heads.token_map)
