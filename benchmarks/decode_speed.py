@@ -13,11 +13,11 @@ import time
 
 import torch
 
-from medusaforge.decode import medusa_generate
-from medusaforge.evaluate import hf_greedy
-from medusaforge.generate import load_for_decoding, stop_token_ids
-from medusaforge.prompts import encode_prompt, load_prompts
-from medusaforge.tree import default_tree, load_tree
+from medusaforge.decoding.decoder import medusa_generate
+from medusaforge.commands.eval import hf_greedy
+from medusaforge.commands.generate import load_for_decoding, stop_token_ids
+from medusaforge.data.prompts import encode_prompt, load_prompts
+from medusaforge.decoding.tree import default_tree, load_tree
 
 
 def hf_prompt_lookup(base, ids, max_new_tokens, eos, num_tokens):

@@ -49,7 +49,7 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def autocast_context(device: torch.device):
-    from medusaforge.training import autocast_for
+    from medusaforge.training.common import autocast_for
 
     return autocast_for(device, "auto")
 
@@ -58,10 +58,10 @@ def autocast_context(device: torch.device):
 
 
 def smollm2_problem(args, variant: str, device):
-    from medusaforge.batches import OfflineBatches, OnlineBatches
-    from medusaforge.data import load_tokenized
-    from medusaforge.heads import MedusaHeads
-    from medusaforge.hidden_cache import HiddenCache, read_lm_head_weight
+    from medusaforge.training.sources import OfflineBatches, OnlineBatches
+    from medusaforge.data.conversations import load_tokenized
+    from medusaforge.drafters.medusa_heads import MedusaHeads
+    from medusaforge.commands.cache import HiddenCache, read_lm_head_weight
     from medusaforge.models import load_base_model, load_tokenizer
 
     if variant == "offline":
@@ -88,7 +88,7 @@ def smollm2_problem(args, variant: str, device):
 
 
 def synthetic_problem(args, variant: str, device):
-    from medusaforge.heads import MedusaHeads
+    from medusaforge.drafters.medusa_heads import MedusaHeads
 
     hidden_size, vocab_size = 4096, 128256
     heads = MedusaHeads(hidden_size, vocab_size, args.num_heads, shared_lm_head=True).to(device)
@@ -114,7 +114,7 @@ def synthetic_problem(args, variant: str, device):
 
 
 def run_variant(args) -> dict:
-    from medusaforge.loss import default_head_weights, materialized_head_losses, medusa_head_losses
+    from medusaforge.training.loss import default_head_weights, materialized_head_losses, medusa_head_losses
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -166,8 +166,8 @@ def run_variant(args) -> dict:
 
 def ensure_cache(args) -> None:
     """Build the SmolLM2 cache once (timed), with the same max_length as the online variants."""
-    from medusaforge.hidden_cache import CacheConfig, INDEX_FILE
-    from medusaforge.hidden_cache import run as build_cache
+    from medusaforge.commands.cache import CacheConfig, INDEX_FILE
+    from medusaforge.commands.cache import run as build_cache
 
     if (Path(args.cache) / INDEX_FILE).is_file() and json.loads((Path(args.cache) / INDEX_FILE).read_text()).get("complete"):
         return

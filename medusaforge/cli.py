@@ -11,17 +11,17 @@ import importlib
 import importlib.util
 import sys
 
-from .config import add_dataclass_arguments, config_from_args
+from medusaforge.config import add_dataclass_arguments, config_from_args
 
 # name -> (module, config class, run function, one-line description)
 COMMANDS = {
-    "distill": ("medusaforge.distill", "DistillConfig", "run", "let the base model write the assistant replies (self-distillation)"),
-    "train": ("medusaforge.train", "TrainConfig", "run", "train Medusa heads (Medusa-1) or heads + base (Medusa-2)"),
-    "generate": ("medusaforge.generate", "GenerateConfig", "run", "generate text with tree speculative decoding"),
-    "eval": ("medusaforge.evaluate", "EvalConfig", "run", "measure acceptance length and speedup against plain greedy decoding"),
-    "tree": ("medusaforge.tree_search", "TreeSearchConfig", "run", "search a hardware-aware sparse candidate tree"),
-    "cache": ("medusaforge.hidden_cache", "CacheConfig", "run", "cache the base model's final hidden states for offline training"),
-    "export": ("medusaforge.export", "ExportConfig", "run", "export heads to vLLM or original-Medusa format"),
+    "distill": ("medusaforge.commands.distill", "DistillConfig", "run", "let the base model write the assistant replies (self-distillation)"),
+    "train": ("medusaforge.commands.train", "TrainConfig", "run", "train Medusa heads (Medusa-1) or heads + base (Medusa-2)"),
+    "generate": ("medusaforge.commands.generate", "GenerateConfig", "run", "generate text with tree speculative decoding"),
+    "eval": ("medusaforge.commands.eval", "EvalConfig", "run", "measure acceptance length and speedup against plain greedy decoding"),
+    "tree": ("medusaforge.commands.tree", "TreeSearchConfig", "run", "search a hardware-aware sparse candidate tree"),
+    "cache": ("medusaforge.commands.cache", "CacheConfig", "run", "cache the base model's final hidden states for offline training"),
+    "export": ("medusaforge.commands.export", "ExportConfig", "run", "export heads to vLLM or original-Medusa format"),
 }
 
 

@@ -1,6 +1,6 @@
 import torch
 
-from medusaforge.acceptance import (
+from medusaforge.decoding.acceptance import (
     accepted_lengths,
     best_path,
     typical_accepted_lengths,

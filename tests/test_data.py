@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import sharegpt, tiny_tokenizer, write_jsonl
 
-from medusaforge.data import (
+from medusaforge.data.conversations import (
     Conversation,
     DataError,
     collate,

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from medusaforge.decode import keep_cache_entries, medusa_generate, new_cache, prepare_heads, run_decoder
-from medusaforge.heads import MedusaHeads
-from medusaforge.tree import build_tree_buffers, verify_attention_mask
+from medusaforge.decoding.decoder import keep_cache_entries, medusa_generate, new_cache, prepare_heads, run_decoder
+from medusaforge.drafters.medusa_heads import MedusaHeads
+from medusaforge.decoding.tree import build_tree_buffers, verify_attention_mask
 
 VOCAB = 256
 TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medusaforge.decode import medusa_generate, prepare_heads
-from medusaforge.heads import MedusaHeads
+from medusaforge.decoding.decoder import medusa_generate, prepare_heads
+from medusaforge.drafters.medusa_heads import MedusaHeads
 from medusaforge.models import final_hidden_states, load_base_model, load_tokenizer
-from medusaforge.prompts import encode_prompt
+from medusaforge.data.prompts import encode_prompt
 
 pytestmark = pytest.mark.slow
 

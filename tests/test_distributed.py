@@ -13,7 +13,7 @@ from helpers import save_tiny_model, sharegpt, write_jsonl
 from safetensors.torch import load_file
 
 from medusaforge.cli import main
-from medusaforge.distributed import placeholder_slice, rank_slice
+from medusaforge.training.distributed import placeholder_slice, rank_slice
 
 
 def test_rank_slices_cover_the_global_batch_once():

@@ -5,8 +5,8 @@ import json
 import torch
 
 from medusaforge.cli import main
-from medusaforge.evaluate import head_acceptance
-from medusaforge.heads import MedusaHeads
+from medusaforge.commands.eval import head_acceptance
+from medusaforge.drafters.medusa_heads import MedusaHeads
 from medusaforge.models import load_base_model, lm_head_of
 
 from helpers import save_tiny_model, write_jsonl

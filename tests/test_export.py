@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from medusaforge import formats, importer
+from medusaforge.interop import importer, layouts as formats
 from medusaforge.cli import main
-from medusaforge.heads import MedusaHeads, load_heads
+from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads
 
 HIDDEN, VOCAB = 16, 48
 
@@ -152,7 +152,7 @@ SMOLLM2_HEADS = Path(__file__).resolve().parents[1] / "runs" / "demo" / "heads"
 @pytest.mark.parametrize("fmt", ["vllm", "medusa"])
 def test_smollm2_shaped_heads_round_trip_bit_identical(fmt, tmp_path):
     """The shipped SmolLM2 heads if present, else random heads of SmolLM2's shape (576 x 49152)."""
-    from medusaforge.export import ExportConfig, run
+    from medusaforge.commands.export import ExportConfig, run
 
     if (SMOLLM2_HEADS / "config.json").is_file():
         heads_dir, heads = SMOLLM2_HEADS, load_heads(SMOLLM2_HEADS)
@@ -175,8 +175,8 @@ def test_smollm2_shaped_heads_round_trip_bit_identical(fmt, tmp_path):
 
 
 def test_model_card_for_the_builtin_base_points_engines_at_the_converted_folder():
-    from medusaforge.heads import HeadsConfig
-    from medusaforge.model_card import model_card
+    from medusaforge.drafters.medusa_heads import HeadsConfig
+    from medusaforge.interop.model_card import model_card
 
     card = model_card(HeadsConfig(576, 49152, 4, 1, base_model="smollm2-135m-instruct"), "vllm", "out")
     assert "convert_builtin('smollm2-135m-instruct')" in card

@@ -15,11 +15,11 @@ import pytest
 import torch
 from helpers import CHATML_TEMPLATE, save_tiny_model, sharegpt, tiny_llama, tiny_tokenizer, write_jsonl
 
-import medusaforge.checkpoint
-import medusaforge.train
-from medusaforge.checkpoint import list_checkpoints, load_checkpoint
+import medusaforge.training.checkpoint
+import medusaforge.commands.train
+from medusaforge.training.checkpoint import list_checkpoints, load_checkpoint
 from medusaforge.cli import main
-from medusaforge.heads import MedusaHeads
+from medusaforge.drafters.medusa_heads import MedusaHeads
 
 TABLE: list[tuple[str, int, str]] = []
 GOOD = sharegpt(("human", "Hello there"), ("gpt", "The quick brown fox jumps over the lazy dog."))
@@ -297,7 +297,7 @@ def test_a_damaged_hidden_state_cache_is_refused_naming_the_file(world, tmp_path
 
 def nan_on_call(monkeypatch, bad_calls):
     """Make the head loss NaN on the given (1-based) calls, i.e. micro-batches."""
-    real = medusaforge.train.medusa_head_losses
+    real = medusaforge.commands.train.medusa_head_losses
     calls = {"n": 0}
 
     def faulty(*args, **kwargs):
@@ -307,7 +307,7 @@ def nan_on_call(monkeypatch, bad_calls):
             result.loss_sums = [s * float("nan") for s in result.loss_sums]
         return result
 
-    monkeypatch.setattr(medusaforge.train, "medusa_head_losses", faulty)
+    monkeypatch.setattr(medusaforge.commands.train, "medusa_head_losses", faulty)
 
 
 def assert_checkpoints_finite(out):
@@ -344,14 +344,14 @@ def test_skip_nonfinite_skips_and_counts_the_bad_steps(world, tmp_path, capsys, 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(world, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
-    real_save = medusaforge.checkpoint.save_file
+    real_save = medusaforge.training.checkpoint.save_file
 
     def save_or_disk_full(tensors, path, *args, **kwargs):
         if "step-000003" in str(path):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(medusaforge.checkpoint, "save_file", save_or_disk_full)
+    monkeypatch.setattr(medusaforge.training.checkpoint, "save_file", save_or_disk_full)
     out = tmp_path / "out"
     argv = base_args(world, world["data"], out, max_steps=5) + ["--save-every", "1", "--keep-last", "1"]
     expect_error("disk full while saving step 3", argv, capsys, out / "checkpoints" / "step-000003",

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from medusaforge import formats, importer
-from medusaforge.formats import FormatWarning
-from medusaforge.heads import MedusaHeads, load_heads
+from medusaforge.interop import importer, layouts as formats
+from medusaforge.interop.layouts import FormatWarning
+from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads
 
 HIDDEN, VOCAB = 16, 40
 

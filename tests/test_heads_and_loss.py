@@ -7,8 +7,8 @@ import torch
 from helpers import tiny_llama
 from torch.nn import functional as F
 
-from medusaforge.heads import MedusaHeads, load_heads
-from medusaforge.loss import (
+from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads
+from medusaforge.training.loss import (
     IGNORE_INDEX,
     base_targets,
     default_head_weights,

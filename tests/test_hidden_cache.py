@@ -9,9 +9,9 @@ from helpers import save_tiny_model, tiny_llama, tiny_tokenizer
 from test_train import learnable_data
 from transformers import AutoModelForCausalLM
 
-import medusaforge.hidden_cache as hidden_cache
+import medusaforge.commands.cache as hidden_cache
 from medusaforge.cli import main
-from medusaforge.hidden_cache import HiddenCache, read_lm_head_weight, shard_plan
+from medusaforge.commands.cache import HiddenCache, read_lm_head_weight, shard_plan
 from medusaforge.models import final_hidden_states
 
 
@@ -141,7 +141,7 @@ def test_offline_training_gives_the_online_losses(tmp_path, tiny_model_dir, isol
         assert c["loss"] == pytest.approx(a["loss"], rel=2e-2)  # bf16 storage rounds the inputs
     assert offline_summary["held_out"]["loss"] == pytest.approx(online_summary["held_out"]["loss"], rel=1e-5)
     # The offline heads carry the base's fingerprint, so they load against the base like online ones.
-    from medusaforge.heads import load_heads
+    from medusaforge.drafters.medusa_heads import load_heads
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     load_heads(tmp_path / "offline" / "heads", base=base)

@@ -12,11 +12,11 @@ from torch.nn import functional as F
 
 from medusaforge.cli import main
 from medusaforge.config import parse_config
-from medusaforge.heads import load_heads
-from medusaforge.medusa2 import base_loss_sum, make_lora_student, make_teacher
-from medusaforge.medusa2_loss import heads_weight_at, linear_kl_divergence
+from medusaforge.drafters.medusa_heads import load_heads
+from medusaforge.training.medusa2 import base_loss_sum, make_lora_student, make_teacher
+from medusaforge.training.medusa2_loss import heads_weight_at, linear_kl_divergence
 from medusaforge.models import base_fingerprint, final_hidden_states
-from medusaforge.train import TrainConfig
+from medusaforge.commands.train import TrainConfig
 
 LORA_TARGETS = ["q_proj", "v_proj", "gate_proj"]
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from medusaforge.cli import main
-from medusaforge.data import load_tokenized
-from medusaforge.heads import load_heads
+from medusaforge.data.conversations import load_tokenized
+from medusaforge.drafters.medusa_heads import load_heads
 from medusaforge.models import load_base_model, load_tokenizer
 
 pytestmark = pytest.mark.slow

@@ -2,8 +2,8 @@
 
 import pytest
 
-from medusaforge.distill import builtin_prompts, is_builtin
-from medusaforge.instructions import TEMPLATES, instruction_prompts
+from medusaforge.commands.distill import builtin_prompts, is_builtin
+from medusaforge.data.instructions import TEMPLATES, instruction_prompts
 
 
 def contents(chats):

@@ -12,7 +12,7 @@ import pytest
 from helpers import save_tiny_model
 from test_distributed import small_data
 
-from medusaforge.checkpoint import list_checkpoints, truncate_metrics
+from medusaforge.training.checkpoint import list_checkpoints, truncate_metrics
 from medusaforge.cli import main
 
 # Runs the real CLI in a child process, with one fault hook chosen by the environment:
@@ -21,8 +21,8 @@ from medusaforge.cli import main
 #                   folder, not yet renamed).
 CHILD = r"""
 import os, signal, sys, time
-import medusaforge.checkpoint as checkpoint
-import medusaforge.train as train
+import medusaforge.training.checkpoint as checkpoint
+import medusaforge.commands.train as train
 from medusaforge.cli import main
 
 if "SLOW_STEP" in os.environ:

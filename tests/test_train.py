@@ -8,9 +8,9 @@ from helpers import learnable_data, save_tiny_model
 
 from medusaforge.cli import main
 from medusaforge.config import parse_config
-from medusaforge.heads import load_heads
-from medusaforge.train import TrainConfig
-from medusaforge.training import batch_schedule, cosine_with_warmup, split_examples
+from medusaforge.drafters.medusa_heads import load_heads
+from medusaforge.commands.train import TrainConfig
+from medusaforge.training.common import batch_schedule, cosine_with_warmup, split_examples
 
 
 @pytest.fixture(scope="module")

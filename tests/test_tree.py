@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from medusaforge.tree import (
+from medusaforge.decoding.tree import (
     build_tree_buffers,
     default_tree,
     expected_accept_length,
@@ -99,7 +99,7 @@ def test_tree_json_round_trip_and_errors(tmp_path):
 
 
 def test_tree_from_measured_rank_paths():
-    from medusaforge.tree import expected_accept_length_from_frequencies, grow_tree_from_frequencies, path_frequencies
+    from medusaforge.decoding.tree import expected_accept_length_from_frequencies, grow_tree_from_frequencies, path_frequencies
 
     # 4 calibration positions; -1 = the right token was not in that head's top-k
     rank_paths = torch.tensor([[0, 0], [0, 1], [1, 0], [-1, 0]])

@@ -1,9 +1,9 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from medusaforge.heads import MedusaHeads
+from medusaforge.drafters.medusa_heads import MedusaHeads
 from medusaforge.models import final_hidden_states
-from medusaforge.tree_search import truth_ranks
+from medusaforge.commands.tree import truth_ranks
 
 
 def test_truth_ranks_match_a_direct_recomputation():

@@ -9,10 +9,10 @@ from test_train import learnable_data
 from transformers import AutoModelForCausalLM
 
 from medusaforge.cli import main
-from medusaforge.decode import head_candidates
-from medusaforge.heads import MedusaHeads, load_heads
-from medusaforge.loss import linear_cross_entropy, materialized_head_losses, medusa_head_losses
-from medusaforge.vocab import most_frequent_tokens, target_token_counts
+from medusaforge.decoding.decoder import head_candidates
+from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads
+from medusaforge.training.loss import linear_cross_entropy, materialized_head_losses, medusa_head_losses
+from medusaforge.drafters.vocab import most_frequent_tokens, target_token_counts
 
 
 def test_counts_only_target_tokens_and_keeps_the_most_frequent():

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .config import option
-from .decode import head_candidates, medusa_generate, new_cache, run_decoder
-from .evaluate import hf_greedy
-from .generate import load_for_decoding, stop_token_ids
-from .models import DEFAULT_MODEL, final_hidden_states, lm_head_of
-from .prompts import encode_prompt, load_prompts
-from .tree import (
+from medusaforge.config import option
+from medusaforge.decoding.decoder import head_candidates, medusa_generate, new_cache, run_decoder
+from medusaforge.commands.eval import hf_greedy
+from medusaforge.commands.generate import load_for_decoding, stop_token_ids
+from medusaforge.models import DEFAULT_MODEL, final_hidden_states, lm_head_of
+from medusaforge.data.prompts import encode_prompt, load_prompts
+from medusaforge.decoding.tree import (
     build_tree_buffers,
     expected_accept_length_from_frequencies,
     grow_tree_from_frequencies,

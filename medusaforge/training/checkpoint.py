@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .heads import load_heads, replace_directory
+from medusaforge.drafters.medusa_heads import load_heads, replace_directory
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "COMPLETE"

@@ -32,14 +32,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text
-from .config import config_to_dict
-from .data import collate, load_tokenized
-from .heads import MedusaHeads, load_heads, replace_directory
-from .loss import IGNORE_INDEX, base_targets, default_head_weights, linear_cross_entropy, medusa_head_losses
-from .medusa2_loss import HEADS_WEIGHT_SCHEDULES, heads_weight_at, linear_kl_divergence
-from .models import base_fingerprint, final_hidden_states, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
-from .training import (
+from medusaforge.training.checkpoint import atomic_write_text
+from medusaforge.config import config_to_dict
+from medusaforge.data.conversations import collate, load_tokenized
+from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads, replace_directory
+from medusaforge.training.loss import IGNORE_INDEX, base_targets, default_head_weights, linear_cross_entropy, medusa_head_losses
+from medusaforge.training.medusa2_loss import HEADS_WEIGHT_SCHEDULES, heads_weight_at, linear_kl_divergence
+from medusaforge.models import base_fingerprint, final_hidden_states, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
+from medusaforge.training.common import (
     autocast_for,
     batch_schedule,
     cosine_with_warmup,

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .acceptance import accepted_lengths, best_path, sample, typical_accepted_lengths, typical_best_path
-from .models import lm_head_of
-from .tree import TreeBuffers, build_tree_buffers, check_tree_fits, default_tree, tree_tokens, verify_attention_mask
+from medusaforge.decoding.acceptance import accepted_lengths, best_path, sample, typical_accepted_lengths, typical_best_path
+from medusaforge.models import lm_head_of
+from medusaforge.decoding.tree import TreeBuffers, build_tree_buffers, check_tree_fits, default_tree, tree_tokens, verify_attention_mask
 
 # (hidden [hidden_size] of the last verified position, every token so far incl. the root) -> [num_heads, topk]
 Propose = Callable[[torch.Tensor, list[int]], torch.Tensor]

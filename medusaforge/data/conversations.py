@@ -216,7 +216,7 @@ def load_tokenized(
     log=print,
 ) -> TokenizedData:
     """Read, validate, render and tokenize a JSONL file, reusing a cached result when nothing changed."""
-    from .models import cache_root
+    from medusaforge.models import cache_root
 
     path = Path(path)
     key = hashlib.sha256()

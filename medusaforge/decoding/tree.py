@@ -208,7 +208,7 @@ def expected_accept_length_from_frequencies(paths, frequencies: dict[Path_, floa
 
 
 def default_tree(num_heads: int) -> list[list[int]]:
-    """The tree shipped for `num_heads` heads (medusaforge/trees/default_{n}heads.json)."""
+    """The tree shipped for `num_heads` heads (medusaforge/decoding/trees/default_{n}heads.json)."""
     name = f"default_{min(max(num_heads, 1), 5)}heads.json"
     text = (TREES_DIR / name).read_text()
     paths = _paths_from_json(json.loads(text), name)

@@ -235,7 +235,7 @@ def load_heads(
     legacy `.pt` only through `torch.load(weights_only=True)`.
     """
     directory = Path(directory)
-    from .importer import import_heads, is_medusaforge_folder
+    from medusaforge.interop.importer import import_heads, is_medusaforge_folder
 
     if not is_medusaforge_folder(directory):
         return import_heads(directory, base, allow_other_base)
@@ -266,7 +266,7 @@ def load_heads(
 
 def check_heads_match_base(heads: MedusaHeads, base: nn.Module, source: str, allow_other_base: bool = False) -> None:
     """Refuse heads whose shapes (or trained-against weights) differ from the base model's."""
-    from .models import base_fingerprint, lm_head_of
+    from medusaforge.models import base_fingerprint, lm_head_of
 
     config = heads.config
     weight = lm_head_of(base).weight

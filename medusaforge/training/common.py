@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .batches import OnlineBatches
-from .checkpoint import checkpoint_name, list_checkpoints, prune_checkpoints, rng_state, save_checkpoint
-from .data import TokenizedData
-from .distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier, placeholder_slice
-from .loss import medusa_head_losses
-from .models import resolve_dtype
+from medusaforge.training.sources import OnlineBatches
+from medusaforge.training.checkpoint import checkpoint_name, list_checkpoints, prune_checkpoints, rng_state, save_checkpoint
+from medusaforge.data.conversations import TokenizedData
+from medusaforge.training.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier, placeholder_slice
+from medusaforge.training.loss import medusa_head_losses
+from medusaforge.models import resolve_dtype
 
 
 def autocast_for(device: torch.device, dtype: str):

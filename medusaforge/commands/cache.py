@@ -33,9 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import option
-from .data import TokenizedData, collate, load_tokenized, tokenizer_fingerprint
-from .models import (
+from medusaforge.config import option
+from medusaforge.data.conversations import TokenizedData, collate, load_tokenized, tokenizer_fingerprint
+from medusaforge.models import (
     DEFAULT_MODEL,
     base_fingerprint,
     final_hidden_states,

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .batches import OfflineBatches, OnlineBatches
-from .checkpoint import atomic_write_text, load_checkpoint, truncate_metrics
-from .config import config_to_dict, option
-from .data import load_tokenized
-from .distributed import (
+from medusaforge.training.sources import OfflineBatches, OnlineBatches
+from medusaforge.training.checkpoint import atomic_write_text, load_checkpoint, truncate_metrics
+from medusaforge.config import config_to_dict, option
+from medusaforge.data.conversations import load_tokenized
+from medusaforge.training.distributed import (
     DistributedContext,
     HeadsWithLoss,
     all_reduce_sum,
@@ -37,11 +37,11 @@ from .distributed import (
     shutdown_distributed,
     wrap_heads_for_ddp,
 )
-from .heads import MedusaHeads, load_heads
-from .hidden_cache import HiddenCache, read_lm_head_weight
-from .loss import default_head_weights, medusa_head_losses
-from .models import DEFAULT_MODEL, base_fingerprint, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
-from .training import (
+from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads
+from medusaforge.commands.cache import HiddenCache, read_lm_head_weight
+from medusaforge.training.loss import default_head_weights, medusa_head_losses
+from medusaforge.models import DEFAULT_MODEL, base_fingerprint, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
+from medusaforge.training.common import (
     autocast_for,
     batch_schedule,
     cosine_with_warmup,
@@ -53,7 +53,7 @@ from .training import (
     split_examples,
     write_checkpoint,
 )
-from .vocab import most_frequent_tokens, target_token_counts
+from medusaforge.drafters.vocab import most_frequent_tokens, target_token_counts
 
 
 @dataclass
@@ -124,14 +124,14 @@ class TrainConfig:
         if self.batch_size < 1 or self.grad_accum < 1 or self.chunk_size < 1:
             raise ValueError("--batch-size, --grad-accum and --chunk-size must be >= 1")
         if self.mode == "medusa2":
-            from .medusa2 import validate_medusa2_options
+            from medusaforge.training.medusa2 import validate_medusa2_options
 
             validate_medusa2_options(self)
 
 
 def run(config: TrainConfig) -> dict:
     if config.mode == "medusa2":
-        from .medusa2 import run_medusa2  # its own recipe, top to bottom
+        from medusaforge.training.medusa2 import run_medusa2  # its own recipe, top to bottom
 
         return run_medusa2(config)
     context = init_distributed(resolve_device(config.device))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .config import option
-from .decode import medusa_generate, prepare_heads
-from .heads import load_heads
-from .models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
-from .prompts import encode_prompt, load_prompts
-from .tree import default_tree, load_tree
+from medusaforge.config import option
+from medusaforge.decoding.decoder import medusa_generate, prepare_heads
+from medusaforge.drafters.medusa_heads import load_heads
+from medusaforge.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from medusaforge.data.prompts import encode_prompt, load_prompts
+from medusaforge.decoding.tree import default_tree, load_tree
 
 
 @dataclass

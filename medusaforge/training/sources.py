@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .data import TokenizedData, collate
-from .hidden_cache import HiddenCache
-from .models import final_hidden_states
+from medusaforge.data.conversations import TokenizedData, collate
+from medusaforge.commands.cache import HiddenCache
+from medusaforge.models import final_hidden_states
 
 
 class OnlineBatches:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .config import config_to_dict, option
-from .decode import DecodeResult, medusa_generate
-from .generate import load_for_decoding, pick_tree, stop_token_ids
-from .models import DEFAULT_MODEL
-from .prompts import encode_prompt, load_prompts, prompt_text
+from medusaforge.config import config_to_dict, option
+from medusaforge.decoding.decoder import DecodeResult, medusa_generate
+from medusaforge.commands.generate import load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.models import DEFAULT_MODEL
+from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .heads import HeadsConfig
-from .models import BUILTIN_MODELS
+from medusaforge.drafters.medusa_heads import HeadsConfig
+from medusaforge.models import BUILTIN_MODELS
 
 # Eval-JSON keys shown in the "Measured" table, with their labels; other numbers are listed after.
 EVAL_KEYS = {

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .formats import (
+from medusaforge.interop.layouts import (
     MEDUSA,
     MEDUSA_PICKLE_FILE,
     MEDUSA_WEIGHTS_FILE,
@@ -28,7 +28,7 @@ from .formats import (
     from_medusa,
     from_vllm,
 )
-from .heads import CONFIG_FILE, FORMAT_NAME, MedusaHeads, check_heads_match_base
+from medusaforge.drafters.medusa_heads import CONFIG_FILE, FORMAT_NAME, MedusaHeads, check_heads_match_base
 
 # Tensor names that only a full causal LM has: a folder holding them is a model, not heads.
 FULL_MODEL_KEYS = re.compile(r"(^|\.)(embed_tokens|layers\.\d+\.self_attn|h\.\d+\.attn|wte)\.|^lm_head\.weight$")
@@ -127,7 +127,7 @@ def _weight_names(directory: Path) -> list[str]:
 
 def import_heads(directory: str | Path, base: nn.Module | None = None, allow_other_base: bool = False) -> MedusaHeads:
     """Load heads from a folder in any supported layout; with `base`, check they fit it."""
-    from .heads import load_heads
+    from medusaforge.drafters.medusa_heads import load_heads
 
     directory = Path(directory)
     fmt = detect_format(directory)
@@ -136,7 +136,7 @@ def import_heads(directory: str | Path, base: nn.Module | None = None, allow_oth
     config = read_config(directory)
     base_weight = None
     if base is not None:
-        from .models import lm_head_of
+        from medusaforge.models import lm_head_of
 
         base_weight = lm_head_of(base).weight
     if fmt == VLLM:

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from .heads import MedusaHeads
+from medusaforge.drafters.medusa_heads import MedusaHeads
 
 VLLM = "vllm"
 MEDUSA = "medusa"

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import formats
-from .config import option
-from .heads import CONFIG_FILE, MedusaHeads, load_heads, replace_directory
-from .model_card import model_card, read_eval_json
+from medusaforge.interop import layouts as formats
+from medusaforge.config import option
+from medusaforge.drafters.medusa_heads import CONFIG_FILE, MedusaHeads, load_heads, replace_directory
+from medusaforge.interop.model_card import model_card, read_eval_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,7 +101,7 @@ def _check_output(out: Path, heads_dir: Path, overwrite: bool) -> None:
 
 def _base_lm_head(config: ExportConfig, heads: MedusaHeads) -> tuple[torch.Tensor, MedusaHeads]:
     """Load the base model, re-load the heads against it (shape and fingerprint checks), return its lm_head."""
-    from .models import lm_head_of, load_base_model
+    from medusaforge.models import lm_head_of, load_base_model
 
     model = config.model or heads.config.base_model
     if not model:

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import option
-from .data import read_conversations
-from .instructions import instruction_prompts
-from .models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
+from medusaforge.config import option
+from medusaforge.data.conversations import read_conversations
+from medusaforge.data.instructions import instruction_prompts
+from medusaforge.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 
 BUILTIN_SOURCES = ("chitchat", "instructions")
 
