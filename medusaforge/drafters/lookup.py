@@ -1,0 +1,95 @@
+"""Prompt-lookup drafting: guess the next tokens by finding where the text so far repeated itself.
+
+Answers that copy from their input (summaries, extraction, rewrites, code edits) contain long runs
+of tokens already seen in the prompt. If the last n tokens also occur earlier, the tokens that
+followed them there are a good guess for what follows now (Saxena's prompt lookup decoding, vLLM's
+ngram proposer). This module is pure Python over token ids: no model, no tensors.
+
+The index is incremental: each accepted token adds one entry per n-gram length that ends at it,
+so a step costs O(max_ngram) dict operations whatever the context length, and nothing is rescanned.
+
+Example, min_ngram 1, max_ngram 2, stream [5, 6, 7, 5, 6]:
+  the suffix [5, 6] also ended at position 1, where [7, 5, 6] followed, so the proposal is [7, 5, 6]
+  (a continuation that runs into the suffix itself is continued with its own tokens: period 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+Ngram = tuple[int, ...]
+
+
+@dataclass
+class NgramIndex:
+    """Every n-gram (min_ngram <= n <= max_ngram) of a growing token stream -> where it ended.
+
+    A stored position is the index of the token that followed the n-gram (its continuation start).
+    Only the `max_positions` most recent occurrences per n-gram are kept: old ones are rarely the
+    best guess, and the cap keeps both the memory and the work per lookup bounded.
+    """
+
+    min_ngram: int = 1
+    max_ngram: int = 4
+    max_positions: int = 4
+    tokens: list[int] = field(default_factory=list)
+    _ends: dict[Ngram, list[int]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_ngram <= self.max_ngram:
+            raise ValueError(f"lookup n-gram sizes: need 1 <= min_ngram <= max_ngram, got min {self.min_ngram}, max {self.max_ngram}")
+        if self.max_positions < 1:
+            raise ValueError(f"lookup max_positions must be at least 1, got {self.max_positions}")
+        stream, self.tokens = list(self.tokens), []
+        self.extend(stream)
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        """Append tokens (the prompt once, then each step's accepted tokens) and index them."""
+        for token in tokens:
+            self.tokens.append(int(token))
+            end = len(self.tokens)
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                ends = self._ends.setdefault(tuple(self.tokens[end - n :]), [])
+                ends.append(end)
+                # +1: the newest entry is the current suffix itself, which has no continuation yet.
+                if len(ends) > self.max_positions + 1:
+                    del ends[0]
+
+    def longest_match(self) -> tuple[int, list[int]]:
+        """-> (n, continuation starts, most recent first) for the longest suffix of the stream that
+        also occurred earlier; (0, []) when no suffix of at least min_ngram tokens did."""
+        end = len(self.tokens)
+        for n in range(min(self.max_ngram, end), self.min_ngram - 1, -1):
+            starts = [s for s in reversed(self._ends.get(tuple(self.tokens[end - n :]), ())) if s < end]
+            if starts:
+                return n, starts
+        return 0, []
+
+    def continuation(self, start: int, length: int) -> list[int]:
+        """`length` tokens from `start`. Past the end of the stream the guess reads its own tokens,
+        so a match that overlaps the suffix continues the repeating pattern (stream + guess)."""
+        guess: list[int] = []
+        for i in range(start, start + length):
+            guess.append(self.tokens[i] if i < len(self.tokens) else guess[i - len(self.tokens)])
+        return guess
+
+
+def lookup_chains(index: NgramIndex, num_tokens: int, max_branches: int = 1) -> list[list[int]]:
+    """Draft chains for the tokens after the stream's last token (the tree's root).
+
+    -> up to `max_branches` distinct chains of `num_tokens` tokens, most recent match first, all
+    from the longest matching n-gram; [] when nothing matches. Chains may share a prefix: merging
+    them into a tree (decoding/merge.py) makes shared prefixes shared nodes.
+    """
+    if num_tokens <= 0 or max_branches <= 0:
+        return []
+    _, starts = index.longest_match()
+    chains: list[list[int]] = []
+    for start in starts:
+        chain = index.continuation(start, num_tokens)
+        if chain not in chains:
+            chains.append(chain)
+        if len(chains) == max_branches:
+            break
+    return chains
