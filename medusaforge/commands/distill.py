@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from medusaforge.config import option
+from medusaforge.config import dtype_option, option
 from medusaforge.data.conversations import read_conversations
 from medusaforge.data.instructions import instruction_prompts
 from medusaforge.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
@@ -42,7 +42,7 @@ class DistillConfig:
     min_prompt_chars: int = option(8, "skip prompts shorter than this many characters")
     seed: int = option(0, "random seed (prompt order for chitchat, sampling)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = option("auto", "model dtype: auto (bf16 where the device runs it natively, else fp32), fp32 or bf16", choices=["auto", "fp32", "bf16"])
+    dtype: str = dtype_option("auto", "model dtype: auto (bf16 where the device runs it natively, else fp32), fp32, bf16 or fp16")
     skip_invalid: bool = option(False, "skip bad records in --prompts instead of stopping")
     overwrite: bool = option(False, "replace an existing --out file")
     trust_remote_code: bool = option(False, "allow the model's own Python code from its folder")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from medusaforge.training.sources import OfflineBatches, OnlineBatches
 from medusaforge.training.checkpoint import atomic_write_text, load_checkpoint, truncate_metrics
-from medusaforge.config import config_to_dict, option
+from medusaforge.config import config_to_dict, dtype_option, option
 from medusaforge.data.conversations import load_tokenized
 from medusaforge.training.distributed import (
     DistributedContext,
@@ -37,7 +37,8 @@ from medusaforge.training.distributed import (
     shutdown_distributed,
     wrap_heads_for_ddp,
 )
-from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads
+from medusaforge.drafters.medusa_heads import MedusaHeads
+from medusaforge.interop.importer import import_heads
 from medusaforge.commands.cache import HiddenCache, read_lm_head_weight
 from medusaforge.training.loss import default_head_weights, medusa_head_losses
 from medusaforge.models import DEFAULT_MODEL, base_fingerprint, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
@@ -81,7 +82,7 @@ class TrainConfig:
     chunk_size: int = option(512, "tokens per chunk in the head loss (peak memory ~ chunk * vocab * 4 bytes)")
     seed: int = option(0, "random seed (data order, split)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = option("auto", "compute dtype: auto (bf16 autocast where the device runs bf16 natively, else fp32), fp32 or bf16", choices=["auto", "fp32", "bf16"])
+    dtype: str = dtype_option("auto", "compute dtype: auto (bf16 autocast where the device runs bf16 natively, else fp32), fp32 or bf16 (no fp16: training has no loss scaling)", choices=("auto", "fp32", "bf16"))
     save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
     keep_last: int = option(2, "keep this many checkpoints")
     log_every: int = option(1, "write metrics every N steps")
@@ -183,7 +184,7 @@ def train(config: TrainConfig, context: DistributedContext) -> dict:
     # ---- heads, optimizer, schedule ----
     head_vocab_coverage = None
     if config.init_heads is not None:
-        heads = load_heads(config.init_heads, base=base)
+        heads = import_heads(config.init_heads, base=base)
         if heads.config.shared_lm_head:
             heads.init_from_base(lm_head_weight)
         if heads.num_heads != config.num_heads:
