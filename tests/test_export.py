@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from medusaforge.interop import importer, layouts as formats
 from medusaforge.cli import main
-from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads
+from medusaforge.drafters.medusa_heads import MedusaHeads
+from medusaforge.interop.importer import import_heads
 
 HIDDEN, VOCAB = 16, 48
 
@@ -63,7 +64,7 @@ def test_export_cli_writes_engine_folder_that_loads_back_bit_identical(fmt, base
     weights = formats.VLLM_WEIGHTS_FILE if fmt == "vllm" else formats.MEDUSA_WEIGHTS_FILE
     assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", "README.md", weights])
     assert importer.detect_format(out) == fmt
-    back = load_heads(out, base)  # what eval/generate/train --init-heads call
+    back = import_heads(out, base)  # what eval/generate/train --init-heads call
     assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), back.state_dict().values()))
     assert torch.equal(heads(hidden_states()), back(hidden_states()))
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the staging folder is gone
@@ -95,7 +96,7 @@ def test_pickle_only_folder_imports_the_same_heads(base, base_dir, tmp_path):
     out = tmp_path / "out"
     assert main(["export", "--heads", str(heads_dir), "--format", "medusa", "--out", str(out), "--write-pt"]) == 0
     (out / formats.MEDUSA_WEIGHTS_FILE).unlink()
-    assert torch.equal(load_heads(out)(hidden_states()), heads(hidden_states()))
+    assert torch.equal(import_heads(out)(hidden_states()), heads(hidden_states()))
 
 
 def test_non_empty_output_is_refused_unless_overwrite(base, base_dir, tmp_path, capsys):
@@ -117,7 +118,7 @@ def test_shared_lm_head_export_reads_the_base_and_round_trips(base, base_dir, tm
     # No --model: the heads' recorded base_model (the tiny folder) is loaded for its lm_head.
     assert main(["export", "--heads", str(heads_dir), "--out", str(out)]) == 0
     assert json.loads((out / "config.json").read_text())["original_lm_head"] is True
-    back = load_heads(out, base)
+    back = import_heads(out, base)
     assert back.config.shared_lm_head
     assert torch.equal(heads(hidden_states()), back(hidden_states()))
 
@@ -128,7 +129,7 @@ def test_truncated_vocab_medusa_export_refused_then_expanded(base, base_dir, tmp
     assert "--expand-vocab" in capsys.readouterr().err
     assert main(["export", "--heads", str(heads_dir), "--format", "medusa", "--out", str(tmp_path / "b"),
                  "--expand-vocab", "--model", str(base_dir)]) == 0
-    back = load_heads(tmp_path / "b", base)
+    back = import_heads(tmp_path / "b", base)
     assert back.config.head_vocab_size == VOCAB
     torch.testing.assert_close(back(hidden_states())[..., heads.token_map], heads(hidden_states())[..., heads.token_map],
                                rtol=1e-6, atol=1e-5)
@@ -142,7 +143,7 @@ def test_import_checks_shapes_against_the_base(base, base_dir, tmp_path):
     save_file(tensors, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="hidden_size 24 != base 16"):
-        load_heads(directory, base)
+        import_heads(directory, base)
 
 
 SMOLLM2_HEADS = Path(__file__).resolve().parents[1] / "runs" / "demo" / "heads"
@@ -155,7 +156,7 @@ def test_smollm2_shaped_heads_round_trip_bit_identical(fmt, tmp_path):
     from medusaforge.commands.export import ExportConfig, run
 
     if (SMOLLM2_HEADS / "config.json").is_file():
-        heads_dir, heads = SMOLLM2_HEADS, load_heads(SMOLLM2_HEADS)
+        heads_dir, heads = SMOLLM2_HEADS, import_heads(SMOLLM2_HEADS)
     else:
         torch.manual_seed(0)
         heads = MedusaHeads(576, 49152, 4, 1, base_model="smollm2-135m-instruct")
@@ -167,7 +168,7 @@ def test_smollm2_shaped_heads_round_trip_bit_identical(fmt, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", formats.FormatWarning)
         run(ExportConfig(heads=str(heads_dir), format=fmt, out=str(tmp_path / "out")))
-    back = load_heads(tmp_path / "out")
+    back = import_heads(tmp_path / "out")
     assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), back.state_dict().values()))
     hidden = torch.randn(1, 8, 576, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 from medusaforge.interop import importer, layouts as formats
 from medusaforge.interop.layouts import FormatWarning
-from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads
+from medusaforge.drafters.medusa_heads import MedusaHeads
+from medusaforge.interop.importer import import_heads
 
 HIDDEN, VOCAB = 16, 40
 
@@ -244,7 +245,7 @@ def original_checkpoint(directory, num_heads=5, stated_heads=2, pickle=False, le
 def test_third_party_checkpoint_with_wrong_head_count_imports_with_warning(pickle, tmp_path):
     state = original_checkpoint(tmp_path / "medusa-vicuna", num_heads=5, stated_heads=2, pickle=pickle)
     with pytest.warns(FormatWarning, match="config.json says 2 heads but the weights hold 5"):
-        heads = load_heads(tmp_path / "medusa-vicuna")
+        heads = import_heads(tmp_path / "medusa-vicuna")
     assert heads.num_heads == 5 and heads.config.num_layers == 1
     assert torch.equal(heads.heads[4].lm_head.weight, state["4.1.weight"])
     assert torch.equal(heads.heads[4].blocks[0].linear.bias, state["4.0.linear.bias"])
@@ -253,7 +254,7 @@ def test_third_party_checkpoint_with_wrong_head_count_imports_with_warning(pickl
 def test_legacy_layout_reuses_base_lm_head(tmp_path):
     original_checkpoint(tmp_path / "legacy", num_heads=2, stated_heads=2, legacy=True)
     with pytest.raises(ValueError, match="legacy Medusa layout"):
-        load_heads(tmp_path / "legacy")
+        import_heads(tmp_path / "legacy")
     tensors = importer.read_tensors(tmp_path / "legacy" / "medusa_lm_head.safetensors")
     heads = formats.from_medusa(tensors, {}, vocab_size=VOCAB)
     assert heads.config.shared_lm_head and heads.config.vocab_size == VOCAB
@@ -265,7 +266,7 @@ def test_pickle_with_code_is_refused(tmp_path):
     torch.save({"0.0.linear.weight": torch.zeros(2, 2), "payload": Exception("runs on unpickle")},
                directory / "medusa_lm_head.pt")
     with pytest.raises(ValueError, match="cannot read weights"):
-        load_heads(directory)
+        import_heads(directory)
 
 
 def test_vllm_biases_without_fc_bias_flag_are_zeroed_like_vllm_does():
@@ -285,12 +286,12 @@ def test_full_medusa2_model_folder_is_refused(tmp_path):
     config.medusa_num_heads, config.medusa_num_layers = 2, 1  # as Medusa-2 training saves it
     LlamaForCausalLM(config).save_pretrained(tmp_path / "medusa2")
     with pytest.raises(ValueError, match="full Medusa-2 model"):
-        load_heads(tmp_path / "medusa2")
+        import_heads(tmp_path / "medusa2")
     # A plain model folder, and one whose config was stripped of model_type, are refused too.
     del config.medusa_num_heads, config.medusa_num_layers
     LlamaForCausalLM(config).save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="full model"):
-        load_heads(tmp_path / "plain")
+        import_heads(tmp_path / "plain")
     raw = json.loads((tmp_path / "plain" / "config.json").read_text())
     raw.pop("model_type")
     (tmp_path / "plain" / "config.json").write_text(json.dumps(raw))
@@ -301,4 +302,4 @@ def test_full_medusa2_model_folder_is_refused(tmp_path):
 def test_unknown_folder_gets_a_clear_message(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="not a Medusa heads folder"):
-        load_heads(tmp_path)
+        import_heads(tmp_path)

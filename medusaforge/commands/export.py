@@ -3,15 +3,14 @@
   medusaforge export --heads runs/demo/heads --format vllm --out runs/demo/heads-vllm
   medusaforge export --heads runs/demo/heads --format medusa --out runs/demo/heads-medusa --eval-json runs/demo/eval.json
 
-The conversion itself is formats.to_vllm / formats.to_medusa; this file loads, writes atomically
-(a temporary folder, then a rename) and never replaces a non-empty folder without --overwrite.
+The conversion itself is interop.layouts.to_vllm / to_medusa; this file loads (any layout, through
+interop.importer.import_heads), writes through medusaforge.files (a staging folder that replaces
+--out only when complete) and never replaces a non-empty folder without --overwrite.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,9 @@ from safetensors.torch import save_file
 
 from medusaforge.interop import layouts as formats
 from medusaforge.config import option
-from medusaforge.drafters.medusa_heads import CONFIG_FILE, MedusaHeads, load_heads, replace_directory
+from medusaforge.drafters.medusa_heads import CONFIG_FILE, MedusaHeads
+from medusaforge.files import atomic_write_text, refuse_non_empty, staging_directory
+from medusaforge.interop.importer import import_heads
 from medusaforge.interop.model_card import model_card, read_eval_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,7 +65,7 @@ class ExportConfig:
 def run(config: ExportConfig) -> Path:
     out = Path(config.out)
     _check_output(out, Path(config.heads), config.overwrite)
-    heads = load_heads(config.heads)
+    heads = import_heads(config.heads)
     base_weight = None
     if config.model or heads.config.shared_lm_head or (config.expand_vocab and heads.token_map is not None):
         base_weight, heads = _base_lm_head(config, heads)
@@ -91,12 +92,9 @@ def run(config: ExportConfig) -> Path:
 
 
 def _check_output(out: Path, heads_dir: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file")
     if out.exists() and heads_dir.exists() and out.resolve() == heads_dir.resolve():
         raise ValueError("--out is the --heads folder; export to a new folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    refuse_non_empty(out, overwrite)
 
 
 def _base_lm_head(config: ExportConfig, heads: MedusaHeads) -> tuple[torch.Tensor, MedusaHeads]:
@@ -107,21 +105,16 @@ def _base_lm_head(config: ExportConfig, heads: MedusaHeads) -> tuple[torch.Tenso
     if not model:
         raise ValueError("these heads need the base model's lm_head for this export and record no base_model: pass --model")
     base = load_base_model(model, check=False)
-    heads = load_heads(config.heads, base, allow_other_base=config.allow_other_base)
+    heads = import_heads(config.heads, base, allow_other_base=config.allow_other_base)
     return lm_head_of(base).weight.detach(), heads
 
 
 def _write_folder(out: Path, weight_files: dict, engine_config: dict, card: str, write_pt: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staging_directory(out) as staging:
         for name, tensors in weight_files.items():
             # "format: pt" is the metadata transformers-style loaders look for in safetensors files.
             save_file(tensors, str(staging / name), metadata={"format": "pt"})
             if write_pt:
                 torch.save(tensors, staging / formats.MEDUSA_PICKLE_FILE)
-        (staging / CONFIG_FILE).write_text(json.dumps(engine_config, indent=2) + "\n")
-        (staging / "README.md").write_text(card)
-        replace_directory(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        atomic_write_text(staging / CONFIG_FILE, json.dumps(engine_config, indent=2) + "\n")
+        atomic_write_text(staging / "README.md", card)

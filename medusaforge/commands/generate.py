@@ -10,7 +10,7 @@ import torch
 
 from medusaforge.config import option
 from medusaforge.decoding.decoder import medusa_generate, prepare_heads
-from medusaforge.drafters.medusa_heads import load_heads
+from medusaforge.interop.importer import import_heads
 from medusaforge.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.tree import default_tree, load_tree
@@ -56,7 +56,7 @@ def load_for_decoding(model: str, heads: Path, dtype: str, device: str, allow_ot
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
     tokenizer = load_tokenizer(model)
     base = load_base_model(model, dtype=torch_dtype, device=resolve_device(device))
-    loaded = load_heads(heads_folder(heads), base, allow_other_base=allow_other_base)
+    loaded = import_heads(heads_folder(heads), base, allow_other_base=allow_other_base)
     return tokenizer, base, prepare_heads(loaded, base)
 
 

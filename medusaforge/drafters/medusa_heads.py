@@ -2,8 +2,12 @@
 
 Head k (0-based) predicts the token at position t+k+2 from the hidden state at t; the base
 `lm_head` already predicts t+1. A head is `num_layers` ResBlocks, `x + SiLU(W x + b)` with W
-zero-initialised (so at step 0 every head starts as an exact copy of the base model's t+1
-predictor), followed by a vocabulary projection initialised from the base `lm_head`.
+zero-initialised, followed by a vocabulary projection initialised from the base `lm_head`. At
+step 0 a head is therefore the base model's t+1 predictor applied to `x + SiLU(b)`: near it, not
+an exact copy, because the bias keeps nn.Linear's random init (as in the original Medusa).
+
+This module reads and writes only our own layout; `interop.importer.import_heads` is the one
+entry point that reads any layout (ours, vLLM's, the original Medusa's).
 
 Saved layout (a folder): `heads.safetensors` + `config.json`. Weight names:
   heads.{k}.blocks.{l}.linear.weight / .bias   [hidden, hidden] / [hidden]
@@ -15,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
+
+from medusaforge.files import atomic_write_text, staging_directory
+# training/checkpoint.py and training/medusa2.py still import replace_directory from here; they move
+# onto medusaforge.files in the same refactor, and then this line goes.
+from medusaforge.files import replace_directory  # noqa: F401
 
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "config.json"
@@ -57,7 +64,7 @@ class HeadsConfig:
 
 
 class ResBlock(nn.Module):
-    """x + SiLU(W x + b). W starts at zero so the block starts as the identity."""
+    """x + SiLU(W x + b). W starts at zero, so the block starts as the shift x + SiLU(b)."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -183,30 +190,14 @@ class MedusaHeads(nn.Module):
     # ---- saving and loading ------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write heads.safetensors + config.json atomically (a temporary folder, then a rename)."""
+        """Write heads.safetensors + config.json into a staging folder that replaces `directory`
+        only when both are complete (medusaforge.files.staging_directory)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-        try:
+        with staging_directory(directory) as staging:
             tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
             save_file(tensors, str(staging / HEADS_FILE), metadata={"format": FORMAT_NAME})
-            (staging / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-            replace_directory(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            atomic_write_text(staging / CONFIG_FILE, json.dumps(asdict(self.config), indent=2) + "\n")
         return directory
-
-
-def replace_directory(staging: Path, directory: Path) -> None:
-    """Move a finished `staging` folder to `directory`, replacing any old one without a window
-    in which neither exists in a loadable state."""
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, directory)
 
 
 def read_heads_config(directory: str | os.PathLike) -> HeadsConfig:
@@ -217,8 +208,12 @@ def read_heads_config(directory: str | os.PathLike) -> HeadsConfig:
         raise FileNotFoundError(f"{path}: no heads config here; is {directory} a medusaforge heads folder?") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if raw.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: not a medusaforge heads config (format={raw.get('format')!r})")
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        found = raw.get("format") if isinstance(raw, dict) else None
+        raise ValueError(
+            f"{path}: not a medusaforge heads config (format={found!r}); for a vLLM or original-Medusa "
+            "folder use medusaforge.interop.importer.import_heads, which reads every layout"
+        )
     known = set(HeadsConfig.__dataclass_fields__)
     return HeadsConfig(**{k: v for k, v in raw.items() if k in known})
 
@@ -228,17 +223,12 @@ def load_heads(
     base: nn.Module | None = None,
     allow_other_base: bool = False,
 ) -> MedusaHeads:
-    """Load heads saved by `MedusaHeads.save`; with `base`, check they belong to it.
+    """Load heads saved by `MedusaHeads.save` (our layout only); with `base`, check they belong to it.
 
-    No pickled code is ever executed: our folders are safetensors, and folders in an engine's
-    layout (vLLM, original Medusa) are converted on load by importer.import_heads, which reads a
-    legacy `.pt` only through `torch.load(weights_only=True)`.
+    Folders in an engine's layout go through `interop.importer.import_heads`, which calls this for
+    ours. No pickled code is ever executed: our folders are safetensors.
     """
     directory = Path(directory)
-    from medusaforge.interop.importer import import_heads, is_medusaforge_folder
-
-    if not is_medusaforge_folder(directory):
-        return import_heads(directory, base, allow_other_base)
     config = read_heads_config(directory)
     heads = MedusaHeads.from_config(config)
     path = directory / HEADS_FILE

@@ -1,10 +1,10 @@
 """Reading heads folders in any layout: ours, vLLM's or the original Medusa's.
 
-`import_heads` is what `heads.load_heads` hands every folder that is not in our own layout to, so
-`eval`, `generate` and `train --init-heads` accept all three. It tells the layouts apart from the
-files, refuses full models (e.g. Medusa-2 checkpoints with a fine-tuned base inside), converts with
-formats.py and, given the base model, checks that the heads fit it.
-"""
+`import_heads` is the one entry point for a heads folder of any layout: `generate`, `eval`,
+`train --init-heads`, Medusa-2 and `export` call it. It tells the layouts apart from the files
+(`detect_format`), refuses full models (e.g. Medusa-2 checkpoints with a fine-tuned base inside),
+reads our own layout with `drafters.medusa_heads.load_heads`, converts the engines' layouts with
+`interop.layouts`, and, given the base model, checks that the heads fit it."""
 
 from __future__ import annotations
 
@@ -28,11 +28,10 @@ from medusaforge.interop.layouts import (
     from_medusa,
     from_vllm,
 )
-from medusaforge.drafters.medusa_heads import CONFIG_FILE, FORMAT_NAME, MedusaHeads, check_heads_match_base
+from medusaforge.drafters.medusa_heads import CONFIG_FILE, FORMAT_NAME, MedusaHeads, check_heads_match_base, load_heads
 
 # Tensor names that only a full causal LM has: a folder holding them is a model, not heads.
 FULL_MODEL_KEYS = re.compile(r"(^|\.)(embed_tokens|layers\.\d+\.self_attn|h\.\d+\.attn|wte)\.|^lm_head\.weight$")
-
 
 
 def read_config(directory: Path) -> dict:
@@ -65,7 +64,7 @@ def read_tensors(path: Path) -> dict:
 
 
 def is_medusaforge_folder(directory: str | Path) -> bool:
-    """True when config.json says format "medusaforge" (heads.load_heads reads those itself)."""
+    """True when config.json says format "medusaforge" (the layout `load_heads` reads)."""
     try:
         return json.loads((Path(directory) / CONFIG_FILE).read_text()).get("format") == FORMAT_NAME
     except (OSError, ValueError, AttributeError):
@@ -127,8 +126,6 @@ def _weight_names(directory: Path) -> list[str]:
 
 def import_heads(directory: str | Path, base: nn.Module | None = None, allow_other_base: bool = False) -> MedusaHeads:
     """Load heads from a folder in any supported layout; with `base`, check they fit it."""
-    from medusaforge.drafters.medusa_heads import load_heads
-
     directory = Path(directory)
     fmt = detect_format(directory)
     if fmt == FORMAT_NAME:

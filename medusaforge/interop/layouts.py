@@ -1,4 +1,4 @@
-"""Conversion between our heads and the layouts that serving engines load, plus format detection.
+"""Conversion between our heads and the layouts that serving engines load (tensors and dicts only).
 
 Two engine layouts (docs/formats.md lists the loaders these rules were read from):
 

@@ -35,7 +35,8 @@ from tqdm import tqdm
 from medusaforge.training.checkpoint import atomic_write_text
 from medusaforge.config import config_to_dict
 from medusaforge.data.conversations import collate, load_tokenized
-from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads, replace_directory
+from medusaforge.drafters.medusa_heads import MedusaHeads, replace_directory
+from medusaforge.interop.importer import import_heads
 from medusaforge.training.loss import IGNORE_INDEX, base_targets, default_head_weights, linear_cross_entropy, medusa_head_losses
 from medusaforge.training.medusa2_loss import HEADS_WEIGHT_SCHEDULES, heads_weight_at, linear_kl_divergence
 from medusaforge.models import base_fingerprint, final_hidden_states, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
@@ -226,7 +227,7 @@ def run_medusa2(config) -> dict:
     # ---- heads: from stage 1 (checked against the original base) or fresh copies of lm_head ----
     # (the same few lines as train.run; a helper for two call sites would hide more than it saves)
     if config.init_heads is not None:
-        heads = load_heads(config.init_heads, base=base)
+        heads = import_heads(config.init_heads, base=base)
     else:
         lm_head_weight = lm_head_of(base).weight
         heads = MedusaHeads(
