@@ -1,4 +1,4 @@
-"""Prompts for generation and evaluation: files, and the built-in `mt-bench` set.
+"""Prompts for generation and evaluation: files, and the built-in `mt-bench` and `copy-heavy` sets.
 
 A prompt is a chat: a list of {"role", "content"} messages ending with a user turn. Files may be
 JSONL with one of "prompt" (a string), "turns" (MT-Bench style; the first turn is used),
@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from medusaforge.data.copy_prompts import copy_heavy_prompts
 
 MT_BENCH_FILE = "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
 
@@ -52,10 +54,13 @@ def _record_to_messages(record, where: str) -> Messages:
 
 
 def load_prompts(source: str | Path, limit: int = 0) -> list[Messages]:
-    """`mt-bench`, a .jsonl file, or a text file with one prompt per line -> chats."""
+    """`mt-bench`, `copy-heavy`, a .jsonl file, or a text file with one prompt per line -> chats."""
+    if str(source) == "copy-heavy":
+        prompts = [prompt.messages for prompt in copy_heavy_prompts(mt_bench_path())]
+        return prompts[:limit] if limit > 0 else prompts
     path = mt_bench_path() if str(source) == "mt-bench" else Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompts file not found (or use the built-in name 'mt-bench')")
+        raise FileNotFoundError(f"{path}: prompts file not found (or use a built-in name: 'mt-bench', 'copy-heavy')")
     prompts = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():

@@ -1,0 +1,39 @@
+"""The built-in copy-heavy prompt set: size, determinism, and every prompt carries its text."""
+
+import collections
+
+import pytest
+
+from medusaforge.data.copy_prompts import copy_heavy_prompts
+from medusaforge.data.prompts import load_prompts, mt_bench_path
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return copy_heavy_prompts(mt_bench_path())
+
+
+def test_at_least_40_distinct_prompts_of_every_kind(prompts):
+    assert len(prompts) >= 40
+    kinds = collections.Counter(p.kind for p in prompts)
+    assert kinds == {"mt-bench": 13, "chitchat-extract": 12, "chitchat-rewrite": 10, "chitchat-question": 10}
+    assert len({p.messages[0]["content"] for p in prompts}) == len(prompts)
+
+
+def test_every_prompt_carries_the_text_its_answer_copies_from(prompts):
+    for prompt in prompts:
+        content = prompt.messages[-1]["content"]
+        assert prompt.messages[-1]["role"] == "user"
+        assert len(prompt.source_text) >= 100, prompt
+        assert content.endswith(prompt.source_text)
+        assert content.startswith(prompt.request)
+    # The MT-Bench part is its extraction category plus the three questions that paste a text.
+    mt_bench = [p for p in prompts if p.kind == "mt-bench"]
+    assert any(p.request.startswith("Edit the following paragraph") for p in mt_bench)
+    assert any("def " in p.source_text for p in mt_bench)
+
+
+def test_the_set_is_the_same_every_time_and_is_the_built_in_source(prompts):
+    again = load_prompts("copy-heavy")
+    assert again == [p.messages for p in prompts]
+    assert load_prompts("copy-heavy", limit=3) == again[:3]
