@@ -2,7 +2,7 @@
 
 import pytest
 
-from medusaforge.decoding.merge import accepted_source, chain_tree, merge_trees
+from medusaforge.drafters.merge import accepted_source, chain_tree, merge_trees
 
 # Heads (source 0): root 50; 11 and 12 under the root; 13 under 11.
 HEAD_TOKENS, HEAD_PARENTS = [50, 11, 12, 13], [-1, 0, 0, 1]

@@ -80,7 +80,7 @@ def lookup_chains(index: NgramIndex, num_tokens: int, max_branches: int = 1) -> 
 
     -> up to `max_branches` distinct chains of `num_tokens` tokens, most recent match first, all
     from the longest matching n-gram; [] when nothing matches. Chains may share a prefix: merging
-    them into a tree (decoding/merge.py) makes shared prefixes shared nodes.
+    them into a tree (drafters/merge.py) makes shared prefixes shared nodes.
     """
     if num_tokens <= 0 or max_branches <= 0:
         return []
