@@ -1,0 +1,368 @@
+"""EAGLE-3 recipe (`medusaforge train --method eagle3`): the training loop, written out top to bottom.
+
+The base is frozen. Each micro-batch runs it once (output_hidden_states) for the three feature
+layers and its own logits; the draft fuses the features, unrolls `num_steps` steps with
+training-time test (drafters/eagle3.py, `unroll`), and every step is trained against the base's
+distribution over the draft vocabulary, weighted 0.8**k (training/eagle3_loss.py).
+
+Guarantees as the Medusa recipe: held-out conversations (prompts never trained on) are split off
+by the same seeded rule; the data order is fixed up front so a resume continues exactly; checkpoints
+are written atomically and never hold NaN; under torchrun every rank takes its slice of each global
+micro-batch, DDP sums the draft's gradients, and only rank 0 writes files.
+
+Output: OUT/draft/ (config.json + model.safetensors, the engines' key names), OUT/checkpoints/,
+metrics.jsonl (per-step loss and top-1 for every unrolled step), summary.json (held-out top-1 per step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from medusaforge.config import config_to_dict, dtype_option, option
+from medusaforge.data.conversations import load_tokenized
+from medusaforge.drafters.draft_vocab import coverage, prediction_counts, select_draft_vocab, vocab_maps
+from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base
+from medusaforge.files import atomic_write_text
+from medusaforge.models import DEFAULT_MODEL, base_fingerprint, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
+from medusaforge.training.checkpoint import truncate_metrics
+from medusaforge.training.common import (
+    autocast_for,
+    batch_schedule,
+    cosine_with_warmup,
+    find_resume_checkpoint,
+    refuse_to_overwrite,
+    schedule_fingerprint,
+    split_examples,
+    write_checkpoint,
+)
+from medusaforge.training.distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    main_process_first,
+    placeholder_slice,
+    shutdown_distributed,
+    wrap_heads_for_ddp,
+)
+from medusaforge.training.eagle3_checkpoint import load_draft_checkpoint
+from medusaforge.training.eagle3_features import Eagle3OnlineBatches
+from medusaforge.training.eagle3_loss import eagle3_losses, step_positions, step_weights
+from medusaforge.drafters.vocab import target_token_counts
+
+
+@dataclass
+class Eagle3Config:
+    """Train an EAGLE-3 draft (one decoder layer over fused base features) on a chat JSONL file."""
+
+    model: str = option(DEFAULT_MODEL, "base model: local HF folder, hub id, or the built-in smollm2-135m-instruct")
+    data: Path | None = option(None, "training data: JSONL (ShareGPT or OpenAI messages); replies may be human-written")
+    out: Path = option(Path("runs/eagle3"), "output folder: draft/, checkpoints/, metrics.jsonl, summary.json")
+    num_steps: int = option(7, "training-time-test steps unrolled per position (step k predicts token t+k+2)")
+    step_weight_decay: float = option(0.8, "loss weight of step k is decay**k (EAGLE-3 paper)")
+    draft_vocab: int = option(8192, "draft vocabulary: the N tokens the base predicts most often on the training split")
+    vocab_examples: int = option(256, "training conversations the base is run on to count its predictions for the draft vocabulary")
+    feature_layers: list[int] | None = option(None, "three HF hidden_states indices fused by the draft (default: 2, L//2, L-3 as vLLM/SpecForge)")
+    init_from_base: bool = option(True, "start the draft's lm_head and final norm from the base's (rows of the draft vocabulary)")
+    max_length: int = option(1024, "truncate each conversation to this many tokens")
+    batch_size: int = option(8, "conversations per micro-batch, over all ranks (each torchrun rank takes its share)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    epochs: float = option(1.0, "passes over the training split (fractions allowed)")
+    max_steps: int | None = option(None, "stop after this many optimizer steps (overrides --epochs)")
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_ratio: float = option(0.05, "fraction of steps spent in linear warmup before the cosine decay")
+    min_lr_ratio: float = option(0.0, "cosine decays to lr * this")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
+    eval_fraction: float = option(0.1, "share of conversations held out for the final per-step evaluation")
+    seed: int = option(0, "random seed (data order, split, draft init)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = dtype_option("auto", "compute dtype: auto (bf16 autocast where the device runs bf16 natively, else fp32), fp32 or bf16", choices=("auto", "fp32", "bf16"))
+    save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
+    keep_last: int = option(2, "keep this many checkpoints")
+    log_every: int = option(1, "write metrics every N steps")
+    skip_invalid: bool = option(False, "skip bad records (counted and reported) instead of stopping")
+    overwrite: bool = option(False, "allow writing into a non-empty --out")
+    resume: str | None = option(None, "resume from a checkpoint folder, or 'auto' for the newest in --out")
+    trust_remote_code: bool = option(False, "allow the model's own Python code from its folder (off by default)")
+    progress: bool = option(True, "show a progress bar")
+    skip_nonfinite: bool = option(False, "skip optimizer steps whose loss or gradient is NaN/inf (counted, reported) instead of stopping")
+
+    def validate(self) -> None:
+        if self.data is None:
+            raise ValueError("--data is required")
+        if self.num_steps < 1 or self.draft_vocab < 1 or self.vocab_examples < 1:
+            raise ValueError("--num-steps, --draft-vocab and --vocab-examples must be >= 1")
+        if self.feature_layers is not None and len(self.feature_layers) != 3:
+            raise ValueError(f"--feature-layers needs three layer indices, got {self.feature_layers}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError("--eval-fraction must be in [0, 1)")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.max_length < 3:
+            raise ValueError("--batch-size and --grad-accum must be >= 1, --max-length >= 3")
+
+
+class DraftWithLoss(nn.Module):
+    """The draft's unroll and loss as one forward call, so DDP can hook its gradient all-reduce."""
+
+    def __init__(self, draft: Eagle3Draft, num_steps: int) -> None:
+        super().__init__()
+        self.draft, self.num_steps = draft, num_steps
+
+    def forward(self, features, input_ids, target_logits, base_argmax, loss_mask):
+        hiddens = self.draft.unroll(input_ids, self.draft.fuse(features), self.num_steps)
+        return eagle3_losses(self.draft, hiddens, target_logits, base_argmax, loss_mask)
+
+
+def choose_draft_vocab(source, data, train_indices: list[int], config: Eagle3Config, vocab_size: int, device, autocast):
+    """token_map [draft_vocab] from the base's greedy predictions on the first `vocab_examples`
+    training conversations (only the training split decides, so held-out figures stay honest)."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    sample = train_indices[: config.vocab_examples]
+    for start in range(0, len(sample), config.batch_size):
+        batch = {k: v.to(device) for k, v in source.collate(sample[start : start + config.batch_size]).items()}
+        with autocast:
+            argmax = source.base_argmax(batch)
+        counts += prediction_counts(argmax.cpu(), batch["loss_mask"].cpu(), vocab_size)
+    train_ids = torch.cat([data.example(i)[0] for i in train_indices])
+    train_mask = torch.cat([data.example(i)[1] for i in train_indices])
+    token_map = select_draft_vocab(counts, target_token_counts(train_ids, train_mask, vocab_size), config.draft_vocab)
+    return token_map, coverage(token_map, counts)
+
+
+@torch.no_grad()
+def evaluate_draft(draft, source, indices: list[int], batch_size: int, num_steps: int, device, autocast, context: DistributedContext) -> dict:
+    """Held-out per-step loss and top-1 (greedy acceptance of step k given steps < k teacher-forced)."""
+    loss_total, top1, counts = torch.zeros(num_steps), torch.zeros(num_steps), torch.zeros(num_steps)
+    for start in range(0, len(indices), batch_size):
+        rank_indices, placeholder = placeholder_slice(indices[start : start + batch_size], context.rank, context.world_size)
+        batch = source.collate(rank_indices)
+        if placeholder:
+            batch["loss_mask"].zero_()
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            features, target_logits, base_argmax = source.inputs(batch)
+            hiddens = draft.unroll(batch["input_ids"], draft.fuse(features), num_steps)
+            result = eagle3_losses(draft, hiddens, target_logits, base_argmax, batch["loss_mask"])
+        loss_total += torch.stack([s.float().cpu() for s in result.loss_sums])
+        top1 += result.top1
+        counts += result.counts
+    for total in (loss_total, top1, counts):
+        all_reduce_sum(total, context)
+    denominator = counts.clamp(min=1)
+    return {"num_tokens": counts.tolist(), "loss": (loss_total / denominator).tolist(), "top1": (top1 / denominator).tolist()}
+
+
+def run(config: Eagle3Config) -> dict:
+    config.validate()
+    context = init_distributed(resolve_device(config.device))
+    try:
+        return train(config, context)
+    finally:
+        shutdown_distributed(context)
+
+
+def train(config: Eagle3Config, context: DistributedContext) -> dict:
+    torch.manual_seed(config.seed)
+    device = context.device
+    out = Path(config.out)
+    # Every rank checks before any rank writes, so all of them see the same folder and agree.
+    refuse_to_overwrite(out, config.overwrite, config.resume)
+    barrier(context)
+    if context.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    autocast = autocast_for(device, config.dtype)
+
+    def log(message: str) -> None:
+        if context.is_main:
+            print(message, file=sys.stderr)
+
+    # ---- base model (frozen) and data ----
+    with main_process_first(context):
+        tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+        base = load_base_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
+        base.requires_grad_(False)
+        data = load_tokenized(config.data, tokenizer, config.max_length, skip_invalid=config.skip_invalid, log=log)
+    lm_head_weight = lm_head_of(base).weight
+    vocab_size = lm_head_weight.shape[0]
+    train_indices, eval_indices = split_examples(len(data), config.eval_fraction, config.seed)
+    log(f"data: {len(data)} conversations ({len(train_indices)} train, {len(eval_indices)} held out), "
+        f"{data.num_loss_tokens()} assistant tokens, {data.num_invalid} invalid records skipped")
+
+    # ---- draft, vocabulary, optimizer, schedule ----
+    draft_config = draft_config_from_base(base.config, min(config.draft_vocab, vocab_size), config.feature_layers)
+    draft_config.base_model, draft_config.base_fingerprint = model_name(base), base_fingerprint(base)
+    draft = Eagle3Draft(draft_config, base.get_input_embeddings())
+    source = Eagle3OnlineBatches(base, data, tokenizer.pad_token_id, draft.feature_layers, lm_head_weight, torch.arange(vocab_size))
+    vocab_coverage = 1.0
+    if config.draft_vocab < vocab_size and not config.resume:  # a resume takes the maps from its checkpoint
+        token_map, vocab_coverage = choose_draft_vocab(source, data, train_indices, config, vocab_size, device, autocast)
+        draft.set_vocab(*vocab_maps(token_map, vocab_size))
+        log(f"draft vocabulary: {config.draft_vocab} of {vocab_size} tokens cover {vocab_coverage:.1%} of the base's predictions")
+    if config.init_from_base:
+        with torch.no_grad():
+            draft.lm_head.weight.copy_(lm_head_weight[draft.to_target(torch.arange(draft_config.draft_vocab_size))])
+            draft.norm.weight.copy_(base.get_decoder().norm.weight)
+    draft.to(device)
+    source.token_map = draft.to_target(torch.arange(draft_config.draft_vocab_size, device=device))
+    num_steps, weights = config.num_steps, step_weights(config.num_steps, config.step_weight_decay)
+
+    steps_per_epoch = max(1, math.ceil(len(train_indices) / config.batch_size / config.grad_accum))
+    total_steps = config.max_steps or max(1, int(round(steps_per_epoch * config.epochs)))
+    warmup_steps = max(1, int(total_steps * config.warmup_ratio))
+    trainable = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps, config.min_lr_ratio))
+    micro_batches = batch_schedule(train_indices, config.batch_size, total_steps * config.grad_accum, config.seed)
+    schedule = schedule_fingerprint(config, len(train_indices), total_steps)
+
+    start_step, skipped_steps = 0, 0
+    if config.resume:
+        candidates = find_resume_checkpoint(out, config.resume)
+        if not candidates:
+            log(f"resume auto: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
+        for checkpoint in candidates:
+            try:
+                resumed, state = load_draft_checkpoint(checkpoint, base.get_input_embeddings(), optimizer, scheduler, rank=context.rank)
+            except ValueError as error:
+                if config.resume != "auto" or checkpoint == candidates[-1]:
+                    raise
+                log(f"resume auto: skipping damaged checkpoint: {error}")
+                continue
+            saved_schedule = state["extra"].get("schedule", schedule)
+            if saved_schedule != schedule:
+                changed = {k: (saved_schedule.get(k), v) for k, v in schedule.items() if saved_schedule.get(k) != v}
+                raise ValueError(f"{checkpoint}: was written by a run with a different data order or LR schedule "
+                                 f"(checkpoint, now): {changed}; an exact resume needs the same settings")
+            draft.load_state_dict(resumed.state_dict())
+            source.token_map = draft.to_target(torch.arange(draft_config.draft_vocab_size, device=device))
+            start_step, skipped_steps = state["step"], int(state["extra"].get("skipped_nonfinite", 0))
+            log(f"resumed from {checkpoint} at step {start_step}")
+            break
+    draft_with_loss = wrap_heads_for_ddp(DraftWithLoss(draft, num_steps), context)
+
+    metrics_path = out / "metrics.jsonl"
+    metrics_file = None
+    if context.is_main:
+        atomic_write_text(out / "train_config.json", json.dumps(config_to_dict(config), indent=2) + "\n")
+        if config.resume:
+            truncate_metrics(metrics_path, start_step)  # lines after the resumed step are re-run
+        metrics_file = open(metrics_path, "a" if config.resume else "w")
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
+                    disable=not (config.progress and context.is_main), desc="train eagle3")
+    draft.train()
+    started = time.perf_counter()
+    tokens_seen = 0
+
+    # ---- the loop ----
+    for step in progress:
+        batches = []
+        for j in range(config.grad_accum):
+            indices, placeholder = placeholder_slice(micro_batches[step * config.grad_accum + j], context.rank, context.world_size)
+            batch = source.collate(indices)
+            if placeholder:
+                batch["loss_mask"].zero_()
+            batches.append(batch)
+        # Normalise by the counted positions of the whole optimizer step over all ranks, so
+        # accumulation and data parallelism both give exactly the loss of one big batch.
+        step_counts = torch.zeros(num_steps)
+        for batch in batches:
+            for k in range(num_steps):
+                step_counts[k] += step_positions(batch["loss_mask"], k).sum()
+        step_counts = all_reduce_sum(step_counts, context).clamp(min=1)
+
+        loss_value = torch.zeros((), dtype=torch.float64)
+        step_loss, step_top1 = torch.zeros(num_steps), torch.zeros(num_steps)
+        for j, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            last = j == len(batches) - 1
+            # DDP all-reduces gradients during backward; only the step's last micro-batch needs it.
+            with nullcontext() if last or not context.enabled else draft_with_loss.no_sync():
+                with autocast:
+                    features, target_logits, base_argmax = source.inputs(batch)  # the frozen base forward
+                    result = draft_with_loss(features, batch["input_ids"], target_logits, base_argmax, batch["loss_mask"])
+                    loss = sum(weights[k] * result.loss_sums[k] / step_counts[k] for k in range(num_steps))
+                # DDP averages gradients over ranks; scaling by world_size gives the global sum's gradient.
+                (loss * context.world_size).backward()
+            loss_value += loss.detach().double().cpu()  # a host-device sync, once per micro-batch
+            step_loss += torch.stack([s.detach().float().cpu() for s in result.loss_sums]) / step_counts
+            step_top1 += result.top1 / step_counts
+            tokens_seen += int(batch["attention_mask"].sum())
+        step_stats = all_reduce_sum(torch.cat([loss_value.view(1), step_loss.double(), step_top1.double()]), context)
+        loss_value = float(step_stats[0])
+        step_loss, step_top1 = step_stats[1:].float().view(2, num_steps)
+
+        # After DDP's all-reduce every rank has the same gradients, norm and loss: all take the same branch.
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0 else float("inf"))
+        finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
+        if not finite and not config.skip_nonfinite:
+            raise RuntimeError(
+                f"step {step + 1}: loss {loss_value}, gradient norm {float(grad_norm)}: not finite; stopped before "
+                f"the draft was updated. The checkpoints in {out / 'checkpoints'} are intact; resume from them, "
+                "lower --lr, or pass --skip-nonfinite to skip such steps")
+        if finite:
+            optimizer.step()
+        else:
+            skipped_steps += 1
+            log(f"step {step + 1}: loss {loss_value}: not finite, step skipped ({skipped_steps} so far)")
+        scheduler.step()  # the schedule follows the step number (= data position) even over skipped steps
+        optimizer.zero_grad(set_to_none=True)
+
+        progress.set_postfix(loss=f"{loss_value:.3f}", acc0=f"{step_top1[0]:.3f}")
+        if context.is_main and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
+            record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                      "step_loss": step_loss.tolist(), "step_top1": step_top1.tolist(), "skipped": not finite,
+                      "tokens_per_s": tokens_seen * context.world_size / (time.perf_counter() - started)}
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        extra = {"data_position": (step + 1) * config.grad_accum, "world_size": context.world_size,
+                 "schedule": schedule, "skipped_nonfinite": skipped_steps}
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
+            write_checkpoint(out, step + 1, draft, optimizer, scheduler, extra, config.keep_last, context)
+    if metrics_file is not None:
+        metrics_file.close()
+    elapsed = time.perf_counter() - started
+
+    # ---- save and evaluate ----
+    extra = {"data_position": total_steps * config.grad_accum, "world_size": context.world_size,
+             "schedule": schedule, "skipped_nonfinite": skipped_steps}
+    write_checkpoint(out, total_steps, draft, optimizer, scheduler, extra, config.keep_last, context)
+    if context.is_main:
+        draft.save(out / "draft")
+    draft.eval()
+    held_out = evaluate_draft(draft, source, eval_indices, config.batch_size, num_steps, device, autocast, context) if eval_indices else None
+    summary = {
+        "method": "eagle3",
+        "model": draft_config.base_model,
+        "data": str(config.data),
+        "num_steps": num_steps,
+        "feature_layers": list(draft.feature_layers),
+        "draft_vocab": draft_config.draft_vocab_size,
+        "draft_vocab_coverage": vocab_coverage,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "steps": total_steps,
+        "train_conversations": len(train_indices),
+        "eval_conversations": len(eval_indices),
+        "train_seconds": round(elapsed, 1),
+        "train_tokens": tokens_seen * context.world_size,
+        "invalid_records_skipped": data.num_invalid,
+        "nonfinite_steps_skipped": skipped_steps,
+        "world_size": context.world_size,
+        "held_out": held_out,
+    }
+    if not context.is_main:
+        return summary
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if held_out is not None:
+        print("held-out top-1 per step: " + " ".join(f"{t:.3f}" for t in held_out["top1"]))
+    print(f"draft saved to {out / 'draft'}")
+    return summary
