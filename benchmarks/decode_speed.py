@@ -13,19 +13,10 @@ import time
 
 import torch
 
-from medusaforge.decoding.decoder import medusa_generate
-from medusaforge.commands.eval import hf_greedy
-from medusaforge.commands.generate import load_for_decoding, stop_token_ids
 from medusaforge.data.prompts import encode_prompt, load_prompts
+from medusaforge.decoding.decoder import medusa_generate
+from medusaforge.decoding.loading import hf_greedy, hf_prompt_lookup, load_for_decoding, stop_token_ids
 from medusaforge.decoding.tree import default_tree, load_tree
-
-
-def hf_prompt_lookup(base, ids, max_new_tokens, eos, num_tokens):
-    out = base.generate(
-        ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=eos, pad_token_id=eos[0], prompt_lookup_num_tokens=num_tokens,
-    )
-    return out[0, len(ids) :].tolist()
 
 
 def main() -> None:

@@ -4,9 +4,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from medusaforge.decoding.decoder import keep_cache_entries, medusa_generate, new_cache, prepare_heads, run_decoder
-from medusaforge.drafters.medusa_heads import MedusaHeads
+from medusaforge.decoding.decoder import medusa_generate
 from medusaforge.decoding.tree import build_tree_buffers, verify_attention_mask
+from medusaforge.decoding.verify import keep_cache_entries, new_cache, run_decoder
+from medusaforge.drafters.medusa_heads import MedusaHeads
+from medusaforge.drafters.medusa_proposer import path_tree, prepare_heads
 
 VOCAB = 256
 TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0]]
@@ -57,7 +59,7 @@ def test_greedy_equals_generate_with_oracle_heads(make_model, right):
     base = make_model()
     expected = hf_greedy(base, PROMPT, 40)
     reference = PROMPT.tolist() + hf_greedy(base, PROMPT, 48)
-    result = medusa_generate(base, None, PROMPT, 40, tree=TREE, propose=oracle(reference, right))
+    result = medusa_generate(base, None, PROMPT, 40, tree=TREE, candidates=oracle(reference, right))
     assert result.tokens == expected
     if right:  # the deepest path is 4 candidates, + the base's own token
         assert max(result.accept_lengths) == 5 and result.num_steps <= 10
@@ -88,7 +90,7 @@ def test_shared_and_truncated_heads_decode():
 def test_max_new_tokens_is_exact_even_when_a_step_accepts_more(max_new_tokens):
     base = tiny_llama()
     reference = PROMPT.tolist() + hf_greedy(base, PROMPT, 20)
-    result = medusa_generate(base, None, PROMPT, max_new_tokens, tree=TREE, propose=oracle(reference, True))
+    result = medusa_generate(base, None, PROMPT, max_new_tokens, tree=TREE, candidates=oracle(reference, True))
     assert result.tokens == hf_greedy(base, PROMPT, max_new_tokens)
     assert len(result.tokens) == max_new_tokens and result.stopped_by == "length"
 
@@ -101,14 +103,14 @@ def test_stops_exactly_at_eos(stop_index):
     expected = hf_greedy(base, PROMPT, 30, eos=eos)
     assert expected[-1] == eos and len(expected) <= stop_index + 1
     reference = PROMPT.tolist() + continuation + [0] * 8
-    result = medusa_generate(base, None, PROMPT, 30, eos_token_ids=[eos], tree=TREE, propose=oracle(reference, True))
+    result = medusa_generate(base, None, PROMPT, 30, eos_token_ids=[eos], tree=TREE, candidates=oracle(reference, True))
     assert result.tokens == expected and result.stopped_by == "eos"
 
 
 def test_cache_after_accepted_path_equals_token_by_token_cache():
     base = tiny_llama()
     decoder = base.get_decoder()
-    buffers = build_tree_buffers(TREE)
+    buffers = build_tree_buffers(path_tree(TREE).parents)
     # nodes: 0 root, 1 [0], 2 [1], 3 [0,0], 4 [0,1], 5 [1,0], 6 [0,0,0], 7 [0,0,0,0]
     tokens = torch.tensor([9, 30, 31, 40, 41, 42, 50, 60])
     nodes = torch.tensor([0, 1, 3, 6])  # accept root -> [0] -> [0, 0] -> [0, 0, 0]

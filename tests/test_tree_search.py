@@ -1,9 +1,15 @@
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from medusaforge.drafters.medusa_heads import MedusaHeads
 from medusaforge.models import final_hidden_states
-from medusaforge.commands.tree import truth_ranks
+from medusaforge.decoding.tree_search import (
+    expected_accept_length_from_frequencies,
+    grow_tree_from_frequencies,
+    path_frequencies,
+    truth_ranks,
+)
 
 
 def test_truth_ranks_match_a_direct_recomputation():
@@ -24,3 +30,13 @@ def test_truth_ranks_match_a_direct_recomputation():
                     continue
                 order = heads.head_logits(hidden[t], k).argsort(descending=True)
                 assert ranks[row, k] == (order == sequence[t + k + 2]).nonzero().item()
+
+
+def test_tree_from_measured_rank_paths():
+    # 4 calibration positions; -1 = the right token was not in that head's top-k
+    rank_paths = torch.tensor([[0, 0], [0, 1], [1, 0], [-1, 0]])
+    frequencies = path_frequencies(rank_paths)
+    assert frequencies == {(0,): 0.5, (0, 0): 0.25, (0, 1): 0.25, (1,): 0.25, (1, 0): 0.25}
+    tree = grow_tree_from_frequencies(frequencies, 3)
+    assert tree == [[0], [1], [0, 0]]  # most often accepted first; ties: shorter first, then lower ranks
+    assert expected_accept_length_from_frequencies(tree, frequencies) == pytest.approx(2.0)

@@ -9,7 +9,7 @@ from test_train import learnable_data
 from transformers import AutoModelForCausalLM
 
 from medusaforge.cli import main
-from medusaforge.decoding.decoder import head_candidates
+from medusaforge.drafters.medusa_proposer import head_candidates
 from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads
 from medusaforge.training.loss import linear_cross_entropy, materialized_head_losses, medusa_head_losses
 from medusaforge.drafters.vocab import most_frequent_tokens, target_token_counts

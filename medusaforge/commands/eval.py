@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from medusaforge.config import config_to_dict, option
-from medusaforge.decoding.decoder import DecodeResult, medusa_generate
-from medusaforge.commands.generate import load_for_decoding, pick_tree, stop_token_ids
-from medusaforge.models import DEFAULT_MODEL
 from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
+from medusaforge.decoding.decoder import DecodeResult, medusa_generate
+from medusaforge.decoding.loading import hf_greedy, load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.models import DEFAULT_MODEL
 
 
 @dataclass
@@ -44,18 +44,6 @@ class EvalConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
-
-
-def hf_greedy(base, input_ids: torch.Tensor, max_new_tokens: int, eos: list[int]) -> list[int]:
-    output = base.generate(
-        input_ids[None],
-        attention_mask=torch.ones_like(input_ids[None]),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=eos[0] if eos else 0,
-    )
-    return output[0, len(input_ids) :].tolist()
 
 
 def head_acceptance(accepted: list[int], num_heads: int) -> dict[str, list[float]]:

@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 
 from medusaforge.config import option
-from medusaforge.decoding.decoder import medusa_generate, prepare_heads
-from medusaforge.interop.importer import import_heads
-from medusaforge.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 from medusaforge.data.prompts import encode_prompt, load_prompts
-from medusaforge.decoding.tree import default_tree, load_tree
+from medusaforge.decoding.decoder import medusa_generate
+from medusaforge.decoding.loading import load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.models import DEFAULT_MODEL
 
 
 @dataclass
@@ -41,38 +40,6 @@ class GenerateConfig:
             raise ValueError("give --prompt TEXT or --prompts FILE")
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
-
-
-def heads_folder(path: Path) -> Path:
-    """Accept a `train --out` folder as well as its heads/ subfolder."""
-    path = Path(path)
-    if not (path / "config.json").is_file() and (path / "heads" / "config.json").is_file():
-        return path / "heads"
-    return path
-
-
-def load_for_decoding(model: str, heads: Path, dtype: str, device: str, allow_other_base: bool = False):
-    """-> (tokenizer, base, heads) ready for medusa_generate, all on one device and dtype."""
-    torch_dtype = resolve_dtype(dtype, resolve_device(device))
-    tokenizer = load_tokenizer(model)
-    base = load_base_model(model, dtype=torch_dtype, device=resolve_device(device))
-    loaded = import_heads(heads_folder(heads), base, allow_other_base=allow_other_base)
-    return tokenizer, base, prepare_heads(loaded, base)
-
-
-def stop_token_ids(tokenizer, base) -> list[int]:
-    """EOS of the tokenizer and of the model's generation config (which may hold several)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
-    if configured is not None:
-        ids.update(int(t) for t in (configured if isinstance(configured, (list, tuple)) else [configured]))
-    return sorted(ids)
-
-
-def pick_tree(tree: Path | None, num_heads: int) -> list[list[int]]:
-    return load_tree(tree) if tree is not None else default_tree(num_heads)
 
 
 def run(config: GenerateConfig) -> None:

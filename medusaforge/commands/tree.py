@@ -1,39 +1,34 @@
-"""`medusaforge tree`: a sparse candidate tree fitted to the heads and to the hardware at hand.
+"""`medusaforge tree`: a sparse candidate tree fitted to the heads and to the host, or none.
 
-1. Accuracy: on calibration prompts the base writes its own greedy continuation; at every position
-   we record the rank of the right token in each head's top-k. A tree node's acceptance rate is
-   the share of positions whose ranks match its whole path (joint, so correlated heads are fine).
-2. Growth: for each size, the tree maximising expected acceptance (the most often accepted nodes).
-3. Cost: one decode step (head candidates + one verify forward over the tree) is timed at every
-   size on this device; the tree kept maximises expected tokens per *second*. A tree that pays on
-   a GPU, where 64 nodes cost about as much as 1, is far too big for a 2-core CPU.
-4. Check: Medusa decoding with the chosen tree reports the measured acceptance next to the expected.
+The search itself is in decoding/tree_search.py: measured joint path accuracies give the best tree
+of each size, the real decode step is timed at every size and as a plain step, interleaved and
+repeated, a robust cost line is fitted, and the size with the most expected tokens per second wins.
+When no tree beats plain decoding the tree file says so ("paths": []), and generate and eval then
+decode without drafting.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medusaforge.config import option
-from medusaforge.decoding.decoder import head_candidates, medusa_generate, new_cache, run_decoder
-from medusaforge.commands.eval import hf_greedy
-from medusaforge.commands.generate import load_for_decoding, stop_token_ids
-from medusaforge.models import DEFAULT_MODEL, final_hidden_states, lm_head_of
 from medusaforge.data.prompts import encode_prompt, load_prompts
-from medusaforge.decoding.tree import (
-    build_tree_buffers,
+from medusaforge.decoding.decoder import medusa_generate
+from medusaforge.decoding.loading import hf_greedy, load_for_decoding, stop_token_ids
+from medusaforge.decoding.tree import save_tree
+from medusaforge.decoding.tree_search import (
+    choose_tree,
     expected_accept_length_from_frequencies,
     grow_tree_from_frequencies,
     path_frequencies,
-    save_tree,
-    tree_tokens,
-    verify_attention_mask,
+    time_steps,
+    truth_ranks,
 )
+from medusaforge.models import DEFAULT_MODEL
 
 
 @dataclass
@@ -47,7 +42,7 @@ class TreeSearchConfig:
     calibration_tokens: int = option(96, "greedy tokens the base writes per calibration prompt")
     max_rank: int = option(8, "candidates per head considered (top-k)")
     sizes: list[int] = option([1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64], "tree sizes (candidate nodes) to time")
-    repeats: int = option(5, "timed repetitions per size (the median is used)")
+    repeats: int = option(7, "timing rounds; each round times every size and a plain step once, in rotating order")
     measure_prompts: int = option(4, "prompts decoded with the chosen tree to check the expected acceptance (0 = skip)")
     dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
@@ -57,62 +52,6 @@ class TreeSearchConfig:
     def validate(self) -> None:
         if self.prompts is None:
             raise ValueError("--prompts is required: calibration prompts like the ones the heads will serve (not the evaluation set)")
-
-
-@torch.inference_mode()
-def truth_ranks(base, heads, sequence: torch.Tensor, prompt_length: int, max_rank: int) -> torch.Tensor:
-    """-> [P, num_heads] long: at each generated position t of `sequence` ([T]), the rank of the
-    base's own token t + k + 2 among head k's top `max_rank` candidates, -1 if absent or past the end."""
-    hidden = final_hidden_states(base, sequence[None])[0]  # [T, hidden]
-    start, stop = prompt_length - 1, len(sequence) - 2  # positions whose head-0 target exists
-    ranks = torch.full((max(stop - start, 0), heads.num_heads), -1, dtype=torch.long)
-    for k in range(heads.num_heads):
-        end = len(sequence) - (k + 2)  # head k at t predicts t + k + 2
-        if end <= start:
-            continue
-        top = heads.head_logits(hidden[start:end], k).topk(max_rank, dim=-1).indices  # [P_k, max_rank]
-        hit = top == sequence[start + k + 2 : end + k + 2, None]
-        ranks[: end - start, k] = torch.where(hit.any(-1), hit.long().argmax(-1), -1).cpu()
-    return ranks
-
-
-@torch.inference_mode()
-def time_decode_step(base, heads, paths, prefix: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one Medusa step (head candidates + verify forward + lm_head) after `prefix`."""
-    buffers = build_tree_buffers(paths).to(prefix.device)
-    decoder, lm_head = base.get_decoder(), lm_head_of(base)
-    cache = new_cache(base)
-    hidden = run_decoder(decoder, prefix[None], torch.arange(len(prefix), device=prefix.device)[None], cache)[0, -1]
-    length = len(prefix)
-    mask = verify_attention_mask(buffers, length, lm_head.weight.dtype)
-    positions = (length + buffers.depths)[None]
-    times = []
-    for _ in range(repeats + 1):  # the first run warms up kernels for this shape
-        start = time.perf_counter()
-        candidates = head_candidates(heads, hidden, buffers.topk, buffers.max_depth)
-        tokens = tree_tokens(prefix[-1], candidates, buffers)
-        lm_head(run_decoder(decoder, tokens[None], positions, cache, mask)[0]).argmax(dim=-1).tolist()
-        times.append(time.perf_counter() - start)
-        for layer in cache.layers:  # drop the tree's KV entries again
-            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
-    return statistics.median(times[1:])
-
-
-@torch.inference_mode()
-def time_plain_step(base, prefix: torch.Tensor, repeats: int) -> float:
-    """Median seconds of one ordinary one-token decode step (forward + lm_head) after `prefix`."""
-    decoder, lm_head = base.get_decoder(), lm_head_of(base)
-    cache = new_cache(base)
-    run_decoder(decoder, prefix[None], torch.arange(len(prefix), device=prefix.device)[None], cache)
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        step = run_decoder(decoder, prefix[-1:][None], torch.tensor([[len(prefix)]], device=prefix.device), cache)
-        lm_head(step[0]).argmax(dim=-1).tolist()
-        times.append(time.perf_counter() - start)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[..., : len(prefix), :], layer.values[..., : len(prefix), :]
-    return statistics.median(times[1:])
 
 
 def run(config: TreeSearchConfig) -> dict:
@@ -125,7 +64,7 @@ def run(config: TreeSearchConfig) -> dict:
     rank_paths, sequences = [], []
     for ids in encoded:
         continuation = hf_greedy(base, ids, config.calibration_tokens, eos)
-        sequence = torch.cat([ids, torch.tensor(continuation, device=ids.device)])
+        sequence = torch.cat([ids, torch.tensor(continuation, dtype=torch.long, device=ids.device)])
         sequences.append(sequence)
         rank_paths.append(truth_ranks(base, heads, sequence, len(ids), config.max_rank))
     ranks = torch.cat(rank_paths)  # [positions, num_heads]
@@ -134,35 +73,51 @@ def run(config: TreeSearchConfig) -> dict:
     for k, row in enumerate(accuracies):
         print(f"  head {k}: top-1 {row[0]:.3f}  top-{config.max_rank} {sum(row):.3f}  (alone; the tree uses joint path accuracies)")
 
-    # Time at a realistic prefix: a calibration prompt plus half its continuation.
-    prefix = sequences[0][: len(encoded[0]) + config.calibration_tokens // 2]
-    plain = time_plain_step(base, prefix, config.repeats)
-    print(f"plain one-token step: {plain * 1000:.1f} ms ({1 / plain:.1f} tok/s)")
-    print(f"{'nodes':>5} {'depth':>5} {'E[accept]':>9} {'step ms':>8} {'E[tok/s]':>8} {'E[speedup]':>10}")
-    rows = []
+    trees = {0: []}
     for size in config.sizes:
         paths = grow_tree_from_frequencies(frequencies, size)
-        expected = expected_accept_length_from_frequencies(paths, frequencies)
-        step = time_decode_step(base, heads, paths, prefix, config.repeats)
-        rows.append({"nodes": len(paths), "depth": max(map(len, paths)), "expected_accept_length": expected,
-                     "step_ms": step * 1000, "expected_tokens_per_s": expected / step, "paths": paths})
+        trees.setdefault(len(paths), paths)  # fewer distinct nodes than asked: the same tree again
+    expected = {size: expected_accept_length_from_frequencies(paths, frequencies) for size, paths in trees.items() if size}
+    # Time at a realistic prefix: a calibration prompt plus half its continuation.
+    prefix = sequences[0][: len(encoded[0]) + config.calibration_tokens // 2]
+    print(f"timing {len(trees)} step kinds x {config.repeats} interleaved rounds", flush=True)
+    timings = time_steps(base, heads, trees, prefix, config.repeats)
+    chosen, cost, plain = choose_tree(expected, timings)
+    print(f"plain one-token step: median {plain * 1000:.1f} ms ({1 / plain:.1f} tok/s); "
+          f"fitted draft step: {cost.fixed * 1000:.1f} ms + {cost.per_node * 1000:.2f} ms per node")
+    print(f"{'nodes':>5} {'depth':>5} {'E[accept]':>9} {'median ms':>9} {'fit ms':>7} {'E[tok/s]':>8} {'E[speedup]':>10}")
+    rows = []
+    for size, paths in trees.items():
+        accept = expected.get(size, 1.0)
+        step = cost(size) if size else plain
+        rows.append({"nodes": size, "depth": max(map(len, paths), default=0), "expected_accept_length": accept,
+                     "median_step_ms": statistics.median(timings[size]) * 1000, "fitted_step_ms": step * 1000,
+                     "expected_tokens_per_s": accept / step, "paths": paths})
         row = rows[-1]
-        print(f"{row['nodes']:>5} {row['depth']:>5} {expected:>9.2f} {step * 1000:>8.1f} {expected / step:>8.1f} {expected / step * plain:>9.2f}x", flush=True)
-    best = max(rows, key=lambda r: r["expected_tokens_per_s"])
+        print(f"{size:>5} {row['depth']:>5} {accept:>9.2f} {row['median_step_ms']:>9.1f} {step * 1000:>7.1f} "
+              f"{accept / step:>8.1f} {accept / step * plain:>9.2f}x", flush=True)
+    best = next(row for row in rows if row["nodes"] == chosen)
     device_name = torch.cuda.get_device_name() if base.device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
-    save_tree(
-        best["paths"], config.out,
-        num_nodes=best["nodes"], expected_accept_length=round(best["expected_accept_length"], 3),
-        step_ms=round(best["step_ms"], 2), plain_step_ms=round(plain * 1000, 2),
+    metadata = dict(
+        num_nodes=chosen, expected_accept_length=round(best["expected_accept_length"], 3),
+        step_ms=round(best["fitted_step_ms"], 3), plain_step_ms=round(plain * 1000, 3),
+        step_cost={"fixed_ms": round(cost.fixed * 1000, 3), "per_node_ms": round(cost.per_node * 1000, 4)},
         expected_speedup=round(best["expected_tokens_per_s"] * plain, 3), device=device_name,
         dtype=str(next(base.parameters()).dtype).removeprefix("torch."),
         accuracies=[[round(a, 4) for a in row] for row in accuracies],
     )
-    print(f"chose {best['nodes']} nodes (depth {best['depth']}): expected accept length {best['expected_accept_length']:.2f}, "
-          f"expected {best['expected_tokens_per_s']:.1f} tok/s; wrote {config.out}")
+    if chosen == 0:
+        metadata = {"note": "no tree beat plain decoding on this host: generate and eval decode without drafting", **metadata}
+    save_tree(best["paths"], config.out, **metadata)
+    if chosen == 0:
+        print(f"chose no drafting: no tree beats a plain step here; wrote {config.out}")
+    else:
+        print(f"chose {chosen} nodes (depth {best['depth']}): expected accept length {best['expected_accept_length']:.2f}, "
+              f"expected {best['expected_tokens_per_s']:.1f} tok/s ({metadata['expected_speedup']:.2f}x plain); wrote {config.out}")
 
-    summary = {"accuracies": accuracies, "sizes": rows, "chosen": best, "plain_step_ms": plain * 1000}
-    if config.measure_prompts > 0:
+    summary = {"accuracies": accuracies, "sizes": rows, "chosen": best, "plain_step_ms": plain * 1000,
+               "step_cost_ms": (cost.fixed * 1000, cost.per_node * 1000)}
+    if config.measure_prompts > 0 and chosen > 0:
         accepted = []
         for ids in encoded[: config.measure_prompts]:
             accepted += medusa_generate(base, heads, ids, config.calibration_tokens, eos, best["paths"]).accepted

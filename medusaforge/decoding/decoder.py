@@ -1,39 +1,37 @@
-"""Batch-1 Medusa decoding: one base forward over a candidate tree per step, lossless when greedy.
+"""Batch-1 speculative decoding with any drafter: propose a tree, verify it, keep the accepted path.
 
-Each step (after a normal prefill that yields the first token, the tree's root):
-  1. the heads read the hidden state of the last verified position and propose top-k tokens;
-  2. the base model runs once over the tree (root + candidates); positions are prefix length +
-     depth, and each node attends to the cached prefix, its ancestors and itself;
-  3. the base's own choice after every node is compared with that node's children; the longest
-     path whose candidates all match is accepted, and the base's choice after its last node is
-     the next root, so every step emits accepted + 1 tokens;
-  4. the KV entries of the accepted nodes are moved into place and the rest are cropped.
-
-The cache is transformers' own DynamicCache, so any HF Llama/Qwen/Mistral-style decoder works.
+After a normal prefill that yields the first token (the first root), every step is:
+  1. the proposer drafts a tree whose root is the last verified token (drafters/proposer.py);
+  2. `verify_step` runs the base once over the tree, accepts the longest path the base agrees with
+     and compacts the KV cache; the base's own token after that path is the next root, so every
+     step emits accepted + 1 tokens;
+  3. the proposer is told what was verified.
+With `adaptive` drafting the decoder may shrink a draft, or skip it for a plain one-token step,
+when the recent acceptance does not pay for the verify cost (decoding/adaptive.py).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from medusaforge.decoding.acceptance import accepted_lengths, best_path, sample, typical_accepted_lengths, typical_best_path
+from medusaforge.decoding.adaptive import AdaptiveDrafting
+from medusaforge.decoding.tree import default_tree
+from medusaforge.decoding.verify import new_cache, prefill, verify_step
+from medusaforge.drafters.medusa_proposer import Candidates, MedusaProposer
+from medusaforge.drafters.proposer import Proposer, root_only
 from medusaforge.models import lm_head_of
-from medusaforge.decoding.tree import TreeBuffers, build_tree_buffers, check_tree_fits, default_tree, tree_tokens, verify_attention_mask
-
-# (hidden [hidden_size] of the last verified position, every token so far incl. the root) -> [num_heads, topk]
-Propose = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
 @dataclass
 class DecodeResult:
     tokens: list[int]  # new tokens only; ends with the EOS token if one stopped decoding
     accepted: list[int] = field(default_factory=list)  # candidates accepted at each verify step
+    drafted: list[int] = field(default_factory=list)  # candidate nodes verified at each step (0: plain step)
     stopped_by: str = "length"  # "eos" or "length"
 
     @property
@@ -46,167 +44,71 @@ class DecodeResult:
         return [a + 1 for a in self.accepted]
 
 
-# ---- base model plumbing ---------------------------------------------------------------------
-
-
-def new_cache(base: nn.Module):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=base.config)
-    except TypeError:  # older transformers without the config argument
-        return DynamicCache()
-
-
-def _cache_kwarg(decoder: nn.Module) -> str:
-    # transformers 5 renamed past_key_values to cache; read the signature rather than the version.
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
-def run_decoder(decoder: nn.Module, tokens: torch.Tensor, positions: torch.Tensor, cache, attention_mask=None) -> torch.Tensor:
-    """tokens, positions: [1, T] -> [1, T, hidden] final post-norm hidden states; appends T KV entries."""
-    outputs = decoder(
-        input_ids=tokens,
-        position_ids=positions,
-        attention_mask=attention_mask,
-        use_cache=True,
-        **{_cache_kwarg(decoder): cache},
-    )
-    return outputs.last_hidden_state
-
-
-def cache_length(cache) -> int:
-    return cache.get_seq_length()
-
-
-def keep_cache_entries(cache, prefix_length: int, nodes: torch.Tensor) -> None:
-    """Keep only the KV entries of `nodes` (tree node indices, increasing, root first) after the
-    first `prefix_length` entries, moved to prefix_length, prefix_length + 1, ... in order."""
-    positions = prefix_length + nodes
-    kept = prefix_length + len(nodes)
-    for layer in cache.layers:
-        if getattr(layer, "is_sliding", False):
-            raise ValueError("sliding-window KV caches are not supported by the tree decoder")
-        # Right-hand side indexing copies first, so overlapping source and target are safe.
-        layer.keys[..., prefix_length:kept, :] = layer.keys[..., positions, :]
-        layer.values[..., prefix_length:kept, :] = layer.values[..., positions, :]
-        layer.keys = layer.keys[..., :kept, :]
-        layer.values = layer.values[..., :kept, :]
-
-
-# ---- candidates from the heads ----------------------------------------------------------------
-
-
-def head_candidates(heads: nn.Module, hidden: torch.Tensor, topk: int, num_heads: int) -> torch.Tensor:
-    """hidden: [hidden_size] -> [num_heads, topk] token ids, best first.
-
-    Only this one position's logits are computed, and only for the heads the tree uses: a
-    full-vocabulary head reads as many bytes as a large share of the base model, so computing
-    every head at every tree node would cost more than the verify pass itself.
-    """
-    weights = [heads.projection_weight(k) for k in range(num_heads)]
-    hidden = hidden.to(weights[0].dtype)
-    transformed = torch.stack([heads.transform(hidden, k) for k in range(num_heads)])  # [num_heads, hidden]
-    if all(w is weights[0] for w in weights):
-        # shared_lm_head: one matmul reads the projection once for every head.
-        logits = F.linear(transformed, weights[0])
-    else:
-        logits = torch.stack([F.linear(transformed[k], weights[k]) for k in range(num_heads)])
-    candidates = logits.topk(topk, dim=-1).indices  # [num_heads, topk]
-    if heads.token_map is not None:  # truncated head vocabulary -> full vocabulary ids
-        candidates = heads.token_map[candidates]
-    return candidates
-
-
-def prepare_heads(heads: nn.Module, base: nn.Module) -> nn.Module:
-    """Put heads on the base's device and dtype, in eval mode, so the step does no conversions."""
-    weight = lm_head_of(base).weight
-    heads.to(device=weight.device, dtype=weight.dtype).eval()
-    if heads.config.shared_lm_head:
-        heads.init_from_base(weight)
-    return heads
-
-
-# ---- the decoder -----------------------------------------------------------------------------
+def single_sequence(input_ids: torch.Tensor) -> torch.Tensor:
+    """[T] or [1, T] -> [T]. A [B, T] batch with B > 1 is refused rather than joined into one sequence."""
+    if input_ids.dim() == 2 and input_ids.shape[0] != 1 or input_ids.dim() > 2:
+        raise ValueError(
+            f"the tree decoder decodes one sequence at a time: input_ids has shape {list(input_ids.shape)}; "
+            "pass [T] or [1, T] and loop over the batch"
+        )
+    return input_ids.reshape(-1)
 
 
 @torch.inference_mode()
-def medusa_generate(
+def speculative_generate(
     base: nn.Module,
-    heads: nn.Module | None,
+    proposer: Proposer | None,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     eos_token_ids: Iterable[int] = (),
-    tree: list[list[int]] | TreeBuffers | None = None,
     temperature: float = 0.0,
     typical_epsilon: float = 0.09,
     typical_alpha: float = 0.3,
     generator: torch.Generator | None = None,
-    propose: Propose | None = None,
+    adaptive: AdaptiveDrafting | None = None,
 ) -> DecodeResult:
-    """Generate up to `max_new_tokens` after `input_ids` ([T] or [1, T]).
+    """Generate up to `max_new_tokens` after `input_ids` ([T] or [1, T]); proposer None: plain decoding.
 
-    temperature 0 is greedy and lossless: the tokens equal `base.generate(do_sample=False)`'s.
-    temperature > 0 uses typical acceptance (threshold min(epsilon, alpha * exp(-entropy))).
-    `propose` replaces the heads as the source of candidates (tests use an oracle).
+    temperature 0 is greedy and lossless: the tokens equal `base.generate(do_sample=False)`'s, with
+    adaptive drafting or without. temperature > 0 uses typical acceptance.
     """
     eos = set(int(t) for t in eos_token_ids)
     device = lm_head_of(base).weight.device
-    prompt = input_ids.reshape(-1).to(device)
+    prompt = single_sequence(input_ids).to(device)
     if max_new_tokens <= 0:
         return DecodeResult(tokens=[])
-    num_heads = heads.num_heads if heads is not None else None
-    if tree is None:
-        if heads is None:
-            raise ValueError("medusa_generate: pass a tree when decoding without heads")
-        tree = default_tree(heads.num_heads)
-    buffers = tree if isinstance(tree, TreeBuffers) else build_tree_buffers(tree)
-    if num_heads is not None:
-        check_tree_fits(buffers.paths, num_heads)
-    buffers = buffers.to(device)
-    oracle = propose is not None  # only a custom proposer needs the token history
-    if propose is None:
-        propose = lambda hidden, _: head_candidates(heads, hidden, buffers.topk, buffers.max_depth)  # noqa: E731
-
-    decoder = base.get_decoder()
-    lm_head = lm_head_of(base)
-    dtype = lm_head.weight.dtype
-    retrieve = buffers.retrieve_indices.clamp(min=0)  # [L, D + 1]; pads point at the root ...
-    padding = buffers.retrieve_indices < 0  # ... and are masked to token -1, which never matches
+    layers = tuple(proposer.feature_layers) if proposer is not None else ()
+    sampling = dict(temperature=temperature, typical_epsilon=typical_epsilon, typical_alpha=typical_alpha, generator=generator)
     cache = new_cache(base)
-
-    hidden = run_decoder(decoder, prompt[None], torch.arange(len(prompt), device=device)[None], cache)[0, -1]
-    root = sample(lm_head(hidden), temperature, generator)
-    result = DecodeResult(tokens=[int(root)])
-    if int(root) in eos:
+    verified = prefill(base, cache, prompt, layers, temperature, generator)
+    if adaptive is not None:
+        adaptive.reset()
+    if proposer is not None:
+        proposer.update(verified)
+    tokens = verified.tokens + [verified.next_token]  # prompt + everything emitted so far
+    result = DecodeResult(tokens=[verified.next_token])
+    if verified.next_token in eos:
         result.stopped_by = "eos"
         return result
 
     while len(result.tokens) < max_new_tokens:
-        prefix_length = cache_length(cache)
-        candidates = propose(hidden, prompt.tolist() + result.tokens if oracle else [])
-        tokens = tree_tokens(root, candidates.to(device), buffers)  # [N]
-        positions = (prefix_length + buffers.depths)[None]
-        mask = verify_attention_mask(buffers, prefix_length, dtype)
-        tree_hidden = run_decoder(decoder, tokens[None], positions, cache, mask)[0]  # [N, hidden]
-        logits = lm_head(tree_hidden)  # [N, V]
+        size = adaptive.next_size() if adaptive is not None else None  # candidate nodes allowed
+        start = time.perf_counter()  # a step's cost includes drafting it
+        draft = proposer.propose(tokens, verified) if proposer is not None and size != 0 else None
+        if draft is None:
+            draft = root_only(tokens[-1], device)
+        elif size is not None:
+            draft = draft.truncated(size + 1)
+        verified = verify_step(base, cache, draft, layers, **sampling)
+        if adaptive is not None:  # verify_step ends in a host sync, so the time is the step's own
+            adaptive.record(draft.num_nodes - 1, verified.nodes.tolist(), time.perf_counter() - start)
+        if proposer is not None:
+            proposer.update(verified)
+        result.accepted.append(verified.accepted)
+        result.drafted.append(draft.num_nodes - 1)
 
-        path_tokens = tokens[retrieve].masked_fill(padding, -1)  # [L, D + 1]
-        if temperature <= 0:
-            choice = logits.argmax(dim=-1)  # [N] the base's own next token after each node
-            path, accepted = best_path(accepted_lengths(path_tokens, choice[retrieve]))
-        else:
-            path_logits = logits[retrieve]  # [L, D + 1, V]
-            lengths = typical_accepted_lengths(path_tokens, path_logits, temperature, typical_epsilon, typical_alpha)
-            path, accepted = typical_best_path(lengths, path_tokens, path_logits, temperature)
-        nodes = buffers.retrieve_indices[path, : accepted + 1]  # root first, increasing
-        last = nodes[-1]
-        root = choice[last] if temperature <= 0 else sample(logits[last], temperature, generator)
-        keep_cache_entries(cache, prefix_length, nodes)
-        hidden = tree_hidden[last]
-        result.accepted.append(accepted)
-
-        for token in tokens[nodes[1:]].tolist() + [int(root)]:
+        for token in verified.tokens[1:] + [verified.next_token]:
+            tokens.append(token)
             result.tokens.append(token)
             if token in eos:
                 result.stopped_by = "eos"
@@ -214,3 +116,32 @@ def medusa_generate(
             if len(result.tokens) >= max_new_tokens:
                 return result
     return result
+
+
+def medusa_generate(
+    base: nn.Module,
+    heads: nn.Module | None,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: Iterable[int] = (),
+    tree: list[list[int]] | None = None,
+    temperature: float = 0.0,
+    typical_epsilon: float = 0.09,
+    typical_alpha: float = 0.3,
+    generator: torch.Generator | None = None,
+    candidates: Candidates | None = None,
+    adaptive: AdaptiveDrafting | None = None,
+) -> DecodeResult:
+    """Medusa heads on a path tree (default: the shipped tree for the head count).
+
+    An empty tree (a tree file from `medusaforge tree` that found no draft worth its cost) decodes
+    without drafting. `candidates` replaces the heads as the source of candidates (tests use an oracle).
+    """
+    if tree is None:
+        if heads is None:
+            raise ValueError("medusa_generate: pass a tree when decoding without heads")
+        tree = default_tree(heads.num_heads)
+    proposer = MedusaProposer(heads, tree, candidates) if tree else None
+    return speculative_generate(
+        base, proposer, input_ids, max_new_tokens, eos_token_ids, temperature, typical_epsilon, typical_alpha, generator, adaptive
+    )

@@ -1,0 +1,100 @@
+"""Adaptive drafting: shrink the draft, or stop drafting, when recent acceptance does not pay.
+
+Every verify step tells us which draft nodes were accepted. Node indices increase along a path and
+a draft cut to its first k candidate nodes is still a tree, so one step at full size also says what
+every smaller draft would have accepted: the accepted nodes with index <= k. Over a window of recent
+steps that gives the expected tokens per step at each size; the step cost at each size comes from
+`medusaforge tree`'s fit (tree file) or from the decoder's own timings; the size with the most
+tokens per second wins, and 0 (a plain one-token step) wins unless a draft beats it.
+
+While shrunk or off, every `probe_every`-th step drafts the full tree again, so a prompt that starts
+to copy (lookup) or a stretch the heads know is noticed. Output tokens never depend on the size:
+greedy decoding stays identical to plain greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from medusaforge.decoding.cost import StepCost, choose_draft_size, fit_step_cost
+
+
+def accepted_if_truncated(nodes: list[int], size: int) -> int:
+    """nodes: one step's accepted node indices, root (0) first. -> candidates a draft cut to its
+    first `size` candidate nodes (nodes 1..size) would have accepted: indices increase along the
+    path, so those nodes are a prefix of it."""
+    return sum(1 for node in nodes[1:] if node <= size)
+
+
+def expected_accept_by_size(history, sizes) -> dict[int, float]:
+    """history: (candidate nodes drafted, accepted node indices) per recent step.
+    -> {size: mean tokens per step (base token included) had each draft been cut to `size`}, over
+    the steps that drafted at least `size` nodes; a size no step reached is left out."""
+    expected = {}
+    for size in sizes:
+        seen = [accepted_if_truncated(nodes, size) for drafted, nodes in history if drafted >= size]
+        if seen:
+            expected[size] = 1.0 + sum(seen) / len(seen)
+    return expected
+
+
+def candidate_sizes(full: int) -> list[int]:
+    """0 (no drafting), powers of two below `full`, and `full`."""
+    sizes, size = [0], 1
+    while size < full:
+        sizes.append(size)
+        size *= 2
+    return sizes + [full] if full > 0 else sizes
+
+
+class AdaptiveDrafting:
+    """The decoder asks `next_size()` before each step (None: the whole draft, 0: no draft, k: its
+    first k candidate nodes) and calls `record` after it.
+
+    cost, plain_seconds: from a tree file written by `medusaforge tree`; without them the decoder's
+    own step timings are fitted (fit_step_cost), with a plain step now and then to time one.
+    """
+
+    def __init__(self, cost: StepCost | None = None, plain_seconds: float | None = None, window: int = 16, probe_every: int = 8) -> None:
+        if window < 1 or probe_every < 2:
+            raise ValueError(f"adaptive drafting: window must be >= 1 and probe_every >= 2, got {window} and {probe_every}")
+        self.given_cost = cost
+        self.given_plain = plain_seconds if plain_seconds is not None else (cost(0) if cost is not None else None)
+        self.window, self.probe_every = window, probe_every
+        self.timings: dict[int, deque] = {}  # drafted nodes -> recent step seconds; kept across sequences (a host property)
+        self.full = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """A new sequence: acceptance history is per sequence, timings are kept."""
+        self.history: deque = deque(maxlen=self.window)
+        self.steps = 0
+        self.choice: int | None = None
+
+    def next_size(self) -> int | None:
+        self.steps += 1
+        if self.steps % self.probe_every == 0:
+            if self.given_cost is None and len(self.timings.get(0, ())) < 3:
+                return 0  # time a plain step: without one the fit cannot tell what drafting saves
+            return None  # the whole draft: refresh what every size would accept
+        return self.choice
+
+    def record(self, drafted: int, nodes: list[int], seconds: float) -> None:
+        self.history.append((drafted, list(nodes)))
+        self.timings.setdefault(drafted, deque(maxlen=8)).append(seconds)
+        self.full = max(self.full, drafted)
+        cost, plain = self.cost()
+        if cost is None:
+            self.choice = None
+            return
+        best = choose_draft_size(expected_accept_by_size(self.history, candidate_sizes(self.full)), cost, plain)
+        self.choice = None if best >= self.full else best
+
+    def cost(self) -> tuple[StepCost | None, float | None]:
+        if self.given_cost is not None:
+            return self.given_cost, self.given_plain
+        sizes = [n for n, times in self.timings.items() for _ in times]
+        if len(set(sizes)) < 2:
+            return None, None
+        fitted = fit_step_cost(sizes, [t for times in self.timings.values() for t in times])
+        return fitted, fitted(0)

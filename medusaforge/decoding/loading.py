@@ -1,0 +1,67 @@
+"""Loading for decoding: the base model, its tokenizer, the drafter, its tree and its stop tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from medusaforge.decoding.tree import default_tree, load_tree
+from medusaforge.drafters.medusa_proposer import prepare_heads
+from medusaforge.interop.importer import import_heads
+from medusaforge.models import load_base_model, load_tokenizer, resolve_device, resolve_dtype
+
+
+def heads_folder(path: Path) -> Path:
+    """Accept a `train --out` folder as well as its heads/ subfolder."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / "heads" / "config.json").is_file():
+        return path / "heads"
+    return path
+
+
+def load_for_decoding(model: str, heads: Path, dtype: str, device: str, allow_other_base: bool = False):
+    """-> (tokenizer, base, heads) ready for medusa_generate, all on one device and dtype."""
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    tokenizer = load_tokenizer(model)
+    base = load_base_model(model, dtype=torch_dtype, device=resolve_device(device))
+    loaded = import_heads(heads_folder(heads), base, allow_other_base=allow_other_base)
+    return tokenizer, base, prepare_heads(loaded, base)
+
+
+def stop_token_ids(tokenizer, base) -> list[int]:
+    """EOS of the tokenizer and of the model's generation config (which may hold several)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(int(t) for t in (configured if isinstance(configured, (list, tuple)) else [configured]))
+    return sorted(ids)
+
+
+def pick_tree(tree: Path | None, num_heads: int) -> list[list[int]]:
+    """The tree file if given, else the shipped default. [] (NO_DRAFTING) means plain decoding."""
+    return load_tree(tree) if tree is not None else default_tree(num_heads)
+
+
+def hf_greedy(base, input_ids: torch.Tensor, max_new_tokens: int, eos: list[int]) -> list[int]:
+    """transformers' own greedy decoding of one [T] prompt: the reference every decoder must equal."""
+    output = base.generate(
+        input_ids[None],
+        attention_mask=torch.ones_like(input_ids[None]),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=eos[0] if eos else 0,
+    )
+    return output[0, len(input_ids) :].tolist()
+
+
+def hf_prompt_lookup(base, input_ids: torch.Tensor, max_new_tokens: int, eos: list[int], num_tokens: int = 10) -> list[int]:
+    """transformers' prompt-lookup decoding (n-gram candidates from the context), greedy."""
+    output = base.generate(
+        input_ids[None], attention_mask=torch.ones_like(input_ids[None]), max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=eos, pad_token_id=eos[0] if eos else 0, prompt_lookup_num_tokens=num_tokens,
+    )
+    return output[0, len(input_ids) :].tolist()
