@@ -3,7 +3,8 @@
 Answers that copy from their input (summaries, extraction, rewrites, code edits) contain long runs
 of tokens already seen in the prompt. If the last n tokens also occur earlier, the tokens that
 followed them there are a good guess for what follows now (Saxena's prompt lookup decoding, vLLM's
-ngram proposer). This module is pure Python over token ids: no model, no tensors.
+ngram proposer). The index and the chains are pure Python over token ids; LookupProposer wraps
+them in the drafter interface.
 
 The index is incremental: each accepted token adds one entry per n-gram length that ends at it,
 so a step costs O(max_ngram) dict operations whatever the context length, and nothing is rescanned.
@@ -17,6 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import torch
+
+from medusaforge.drafters.merge import accepted_source, chain_tree
+from medusaforge.drafters.proposer import DraftTree
 
 Ngram = tuple[int, ...]
 
@@ -93,3 +99,74 @@ def lookup_chains(index: NgramIndex, num_tokens: int, max_branches: int = 1) -> 
         if len(chains) == max_branches:
             break
     return chains
+
+
+class LookupProposer:
+    """Prompt lookup behind the drafter interface (drafters/proposer.py): the longest recent n-gram
+    match's continuation as a chain (or a few branches); no draft when nothing matches, so the
+    step costs what a plain decode step costs.
+
+    `steps` holds (which source supplied the accepted path, candidates accepted) for every verify
+    step of the current sequence: ("lookup", k) or ("none", 0).
+    """
+
+    feature_layers: tuple[int, ...] = ()
+    names = ("lookup",)
+
+    def __init__(
+        self,
+        num_tokens: int = 8,
+        max_branches: int = 1,
+        min_ngram: int = 1,
+        max_ngram: int = 4,
+        max_positions: int = 4,
+        reference: Iterable[int] = (),
+    ) -> None:
+        """reference: tokens of a text the answers may copy besides their prompt (a document, a file
+        being edited), indexed before every sequence; the prompt and the output are always indexed."""
+        if num_tokens < 1:
+            raise ValueError(f"lookup num_tokens must be at least 1, got {num_tokens}")
+        self.num_tokens, self.max_branches = num_tokens, max_branches
+        self.sizes = dict(min_ngram=min_ngram, max_ngram=max_ngram, max_positions=max_positions)
+        self.reference = [int(t) for t in reference]
+        self.steps: list[tuple[str, int]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the sequence: the next draft indexes its tokens from the start."""
+        self.index = NgramIndex(**self.sizes, tokens=self.reference)
+        self._seen = 0  # tokens of the sequence already in the index
+        self.steps = []
+        self._sources: tuple[int, ...] | None = None  # of the draft being verified; None: no draft of ours
+
+    def update(self, verified) -> None:
+        if verified.start == 0:
+            self.reset()
+        elif verified.nodes is not None:
+            self.steps.append(step_source(self._sources, verified.nodes, self.names))
+        self._sources = None
+
+    def propose(self, tokens: list[int], verified):
+        draft = self.draft(tokens, verified.hidden.device)
+        self._sources = draft.sources if draft is not None else None
+        return draft
+
+    def draft(self, tokens: list[int], device) -> DraftTree | None:
+        """tokens: every token so far, ending with the root -> the lookup draft, or None."""
+        # Only the tokens verified since the last call are new: the index never rescans.
+        self.index.extend(tokens[self._seen :])
+        self._seen = len(tokens)
+        chains = lookup_chains(self.index, self.num_tokens, self.max_branches)
+        if not chains:
+            return None
+        node_tokens, parents = chain_tree(tokens[-1], chains)
+        return DraftTree(torch.tensor(node_tokens, device=device), tuple(parents), (1,) * len(parents))
+
+
+def step_source(sources: tuple[int, ...] | None, nodes, names) -> tuple[str, int]:
+    """(which sources supplied the accepted path, candidates accepted) for one verify step.
+    sources None: the decoder verified a draft that was not ours (a plain step)."""
+    nodes = [int(n) for n in nodes]
+    if sources is None or len(nodes) <= 1:
+        return "none", len(nodes) - 1
+    return accepted_source(sources, nodes, names), len(nodes) - 1

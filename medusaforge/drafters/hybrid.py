@@ -1,0 +1,61 @@
+"""Prompt lookup and a model drafter (Medusa heads, EAGLE-3) verified together in one merged tree.
+
+Lookup wins where the reply copies its input and proposes nothing useful on open chat; the heads
+are the other way round. A tree verify pass costs little more than a one-token step at these sizes
+on a CPU, so instead of picking one source per step, both drafts are merged into one tree
+(drafters/merge.py: a prefix both propose is one node) and the base verifies them at once.
+
+Node order matters because adaptive drafting may keep only a draft's first k nodes: the source
+listed first keeps its node indices. The lookup chain goes first when it matched at least
+`lookup_first_ngram` tokens (a long match is usually right), the model drafter's tree otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from medusaforge.drafters.lookup import LookupProposer, step_source
+from medusaforge.drafters.merge import merge_trees
+from medusaforge.drafters.proposer import DraftTree, Proposer, Verified
+
+
+class HybridProposer:
+    """`model` (any proposer with a tree, e.g. MedusaProposer) merged with `lookup` every step.
+
+    `steps` holds, per verify step of the current sequence, which source supplied the accepted
+    path ("heads", "lookup", "both" or "none") and how many candidates were accepted.
+    """
+
+    def __init__(self, model: Proposer, lookup: LookupProposer, lookup_first_ngram: int = 2, model_name: str = "heads") -> None:
+        self.model, self.lookup = model, lookup
+        self.lookup_first_ngram = lookup_first_ngram
+        self.model_name = model_name
+        self.feature_layers = tuple(model.feature_layers)
+        self.steps: list[tuple[str, int]] = []
+        self._sources: tuple[int, ...] | None = None
+        self._names: tuple[str, ...] = ()
+
+    def update(self, verified: Verified) -> None:
+        self.model.update(verified)
+        if verified.start == 0:
+            self.lookup.reset()
+            self.steps = []
+        elif verified.nodes is not None:
+            self.steps.append(step_source(self._sources, verified.nodes, self._names))
+        self._sources = None
+
+    def propose(self, tokens: list[int], verified: Verified) -> DraftTree | None:
+        model_draft = self.model.propose(tokens, verified)
+        lookup_draft = self.lookup.draft(tokens, verified.hidden.device)
+        drafts = {name: d for name, d in ((self.model_name, model_draft), ("lookup", lookup_draft)) if d is not None}
+        if not drafts:
+            return None
+        names = list(drafts)
+        if len(names) == 2 and self.lookup.index.longest_match()[0] >= self.lookup_first_ngram:
+            names.reverse()
+        # note: tokens.tolist() is a host sync for drafts on an accelerator; the verify pass syncs anyway.
+        merged = merge_trees([(drafts[name].tokens.tolist(), drafts[name].parents) for name in names])
+        self._names = tuple(names)
+        self._sources = tuple(merged.sources)
+        device = next(iter(drafts.values())).tokens.device
+        return DraftTree(torch.tensor(merged.tokens, device=device), tuple(merged.parents), self._sources)

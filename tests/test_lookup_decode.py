@@ -1,0 +1,121 @@
+"""Greedy decoding with the lookup drafter, alone and merged with heads, against model.generate().
+
+The lookup source (4-grams only) is forced right by giving it a reference text that holds the
+base's own greedy continuation, and forced wrong by a reference in which every 4-gram of that
+continuation is followed by another token. The model's own text repeats no 4-gram in the decoded
+span (checked), so no match comes from anywhere else. The heads are forced right or wrong by an
+oracle, as in test_decode.py.
+"""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from medusaforge.decoding.decoder import speculative_generate
+from medusaforge.drafters.hybrid import HybridProposer
+from medusaforge.drafters.lookup import LookupProposer
+from medusaforge.drafters.medusa_proposer import MedusaProposer
+
+VOCAB = 256
+TREE = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+PROMPT = torch.tensor([5, 17, 99, 3, 42, 7, 11, 64])
+NEW_TOKENS = 40
+NGRAM = 4
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(6)  # a seed whose greedy text repeats no 4-gram in 56 tokens (random models loop)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def expected(base):
+    """The base's greedy continuation, a few tokens longer than decoded so drafts can run past it."""
+    mask = torch.ones_like(PROMPT[None])
+    out = base.generate(PROMPT[None], attention_mask=mask, max_new_tokens=NEW_TOKENS + 8, do_sample=False, pad_token_id=0)
+    stream = out[0].tolist()
+    ngrams = [tuple(stream[i : i + NGRAM]) for i in range(len(stream) - NGRAM + 1)]
+    assert len(set(ngrams)) == len(ngrams), "the tiny model's text repeats a 4-gram: pick another seed"
+    return stream[len(PROMPT) :]
+
+
+def right_reference(expected):
+    return PROMPT.tolist() + expected
+
+
+def wrong_reference(expected):
+    # Every 4-gram of the true stream, each followed by a token the stream never contains: a match is
+    # always found, its first drafted token is always wrong, and no 4-gram across two windows can
+    # equal a true one (each holds that token).
+    stream = PROMPT.tolist() + expected
+    absent = min(set(range(VOCAB)) - set(stream))
+    return [t for i in range(NGRAM, len(stream)) for t in stream[i - NGRAM : i] + [absent]]
+
+
+def oracle_heads(reference, right: bool, num_heads=3, topk=2):
+    def candidates(hidden, tokens):
+        rows = []
+        for k in range(num_heads):
+            position = len(tokens) + k  # head k proposes the token k + 1 after the root
+            truth = reference[position] if position < len(reference) else 0
+            wrong = [(truth + 101 + r) % VOCAB for r in range(topk)]
+            rows.append([truth] + wrong[: topk - 1] if right else wrong)
+        return torch.tensor(rows)
+
+    return candidates
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_lookup_alone_is_lossless(base, expected, right):
+    reference = right_reference(expected) if right else wrong_reference(expected)
+    proposer = LookupProposer(num_tokens=6, min_ngram=NGRAM, max_ngram=NGRAM, reference=reference)
+    result = speculative_generate(base, proposer, PROMPT, NEW_TOKENS)
+    assert result.tokens == expected[:NEW_TOKENS]
+    assert all(d > 0 for d in result.drafted)  # a 4-gram matched at every step
+    if right:  # a 6-token chain all right: 7 tokens per step
+        assert result.accepted[:-1] == [6] * (len(result.accepted) - 1)
+        assert {source for source, _ in proposer.steps} == {"lookup"}
+    else:
+        assert sum(result.accepted) == 0
+        assert {source for source, _ in proposer.steps} == {"none"}
+
+
+def test_lookup_with_no_match_drafts_nothing_and_is_lossless(base, expected):
+    proposer = LookupProposer(num_tokens=6, min_ngram=NGRAM, max_ngram=NGRAM)  # the text repeats no 4-gram
+    result = speculative_generate(base, proposer, PROMPT, NEW_TOKENS)
+    assert result.tokens == expected[:NEW_TOKENS]
+    assert result.drafted == [0] * len(result.drafted)
+    assert len(result.accepted) == NEW_TOKENS - 1
+
+
+@pytest.mark.parametrize(
+    "lookup_right, heads_right, lookup_tokens, source, accepted, candidates",
+    [
+        (True, False, 3, "lookup", 3, 9),
+        (False, True, 3, "heads", 3, 9),
+        # Candidates per step: the heads' 6 and the lookup chain's, less the nodes both propose.
+        # The same 3 right tokens from both: one shared path, 6 + 3 - 3 candidates.
+        (True, True, 3, "both", 3, 6),
+        # Both right, lookup deeper: its 6-token path wins, the heads' 3 nodes on it are shared.
+        (True, True, 6, "lookup", 6, 9),
+        (False, False, 3, "none", 0, 9),
+    ],
+)
+def test_hybrid_is_lossless_and_names_the_source_of_each_accepted_path(
+    base, expected, lookup_right, heads_right, lookup_tokens, source, accepted, candidates
+):
+    reference = right_reference(expected)
+    heads = MedusaProposer(None, TREE, candidates=oracle_heads(reference, heads_right))
+    lookup_reference = right_reference(expected) if lookup_right else wrong_reference(expected)
+    lookup = LookupProposer(num_tokens=lookup_tokens, min_ngram=NGRAM, max_ngram=NGRAM, reference=lookup_reference)
+    proposer = HybridProposer(heads, lookup)
+    result = speculative_generate(base, proposer, PROMPT, NEW_TOKENS)
+    assert result.tokens == expected[:NEW_TOKENS]
+    steps = proposer.steps[:-1]  # the last step may be cut short by max_new_tokens
+    assert steps == [(source, accepted)] * len(steps)
+    assert set(result.drafted[:-1]) == {candidates}
