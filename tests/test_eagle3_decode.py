@@ -1,0 +1,165 @@
+"""EAGLE-3 decoding: greedy output identical to generate() on tiny Llama and Qwen2 bases with the
+draft forced right and forced wrong; the draft's KV cache after acceptance equals one built token
+by token; sampling with speculative sampling is lossless."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from medusaforge.decoding.decoder import speculative_generate
+from medusaforge.decoding.loading import hf_greedy
+from medusaforge.decoding.verify import new_cache, prefill, verify_step
+from medusaforge.drafters.eagle3 import DraftKVCache, Eagle3Draft, draft_config_from_base
+from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer
+from medusaforge.interop.eagle3_layout import export_eagle3
+from medusaforge.drafters.eagle3_proposer import load_eagle3_proposer
+
+VOCAB, HIDDEN, LAYERS, CYCLE = 256, 32, 4, 16
+FEATURES = (1, 2, 3)
+PROMPTS = [[5, 9, 3, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 17, 42]]
+
+
+def tiny_base(kind: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    model = LlamaForCausalLM(LlamaConfig(**fields)) if kind == "llama" else Qwen2ForCausalLM(Qwen2Config(**fields))
+    return model.float().eval()
+
+
+def random_draft(base, seed: int = 1) -> Eagle3Draft:
+    torch.manual_seed(seed)
+    return Eagle3Draft(draft_config_from_base(base.config, VOCAB, FEATURES), base.get_input_embeddings()).eval()
+
+
+def cycle_base(kind: str) -> torch.nn.Module:
+    """A base whose greedy next token after token u < 16 is u + 1 (mod 16): its layers add nothing
+    (o_proj, down_proj zero), the first 16 embeddings are orthonormal, lm_head row u+1 reads token u."""
+    base = tiny_base(kind)
+    with torch.no_grad():
+        for layer in base.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        basis = torch.linalg.qr(torch.randn(HIDDEN, CYCLE))[0].T  # [16, H] orthonormal rows
+        base.model.embed_tokens.weight[:CYCLE] = basis
+        base.lm_head.weight.zero_()
+        base.lm_head.weight[(torch.arange(CYCLE) + 1) % CYCLE] = 3.0 * basis
+    return base
+
+
+def cycle_draft(base, right: bool) -> Eagle3Draft:
+    """A draft that adds nothing to its input either, so its output hidden is fc(features) = the
+    embedding of the token u at the verified position, at every depth. Forced right, its top-3 are
+    u+2, u+3, u+4: exactly the base's tokens at depth 1, 2 and 3 (rank d-1 at depth d), so long
+    paths are accepted only when the tree grows past the top-1 chain. Forced wrong: u+7, u+8, u+9."""
+    draft = random_draft(base)
+    embed = base.model.embed_tokens.weight[:CYCLE]
+    shift = 2 if right else 7
+    with torch.no_grad():
+        draft.midlayer.self_attn.o_proj.weight.zero_()
+        draft.midlayer.mlp.down_proj.weight.zero_()
+        draft.fc.weight.zero_()
+        draft.fc.weight[:, :HIDDEN] = torch.eye(HIDDEN)  # the first feature layer: still the embedding here
+        draft.lm_head.weight.zero_()
+        for rank, weight in enumerate((3.0, 2.99, 2.98)):  # near ties: the tree keeps all three ranks
+            draft.lm_head.weight[(torch.arange(CYCLE) + shift + rank) % CYCLE] += weight * embed
+    return draft
+
+
+def decode(base, proposer, prompt, max_new_tokens=24, **sampling):
+    return speculative_generate(base, proposer, torch.tensor(prompt), max_new_tokens, **sampling)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_equals_generate_with_a_random_draft(kind):
+    base = tiny_base(kind)
+    proposer = Eagle3Proposer(random_draft(base), DynamicTree(topk=3, depth=4, num_nodes=10))
+    for prompt in PROMPTS:
+        result = decode(base, proposer, prompt)
+        assert result.tokens == hf_greedy(base, torch.tensor(prompt), 24, [])
+        assert max(result.drafted) == 10
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("right", [True, False])
+def test_greedy_equals_generate_with_the_draft_forced_right_or_wrong(kind, right):
+    base = cycle_base(kind)
+    proposer = Eagle3Proposer(cycle_draft(base, right), DynamicTree(topk=3, depth=4, num_nodes=21))
+    prompt = [3, 4, 5]
+    result = decode(base, proposer, prompt, max_new_tokens=30)
+    expected = hf_greedy(base, torch.tensor(prompt), 30, [])
+    assert expected[:3] == [6, 7, 8]  # the base really is the cycle
+    assert result.tokens == expected
+    if right:
+        # depth 1-3 right on every step (rank 0, 1, 2), depth 4 wrong: 3 accepted + the base's token
+        assert result.accepted[:-1] == [3] * (len(result.accepted) - 1)
+    else:
+        assert result.accepted == [0] * len(result.accepted)
+
+
+def reference_cache(draft, base, text: list[int], length: int) -> DraftKVCache:
+    """The draft cache over positions 0..length-1 built one position at a time from a plain base
+    forward over the text: entry p reads the base features at p and the token at p+1."""
+    with torch.inference_mode():
+        hidden_states = base(torch.tensor([text]), output_hidden_states=True).hidden_states
+        fused = draft.fuse(draft.select_features(hidden_states))
+        cache = None
+        for p in range(length):
+            _, cache = draft.step(torch.tensor([[text[p + 1]]]), fused[:, p : p + 1], torch.tensor([[p]]), cache)
+    return cache
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_draft_cache_after_acceptance_equals_one_built_token_by_token(kind):
+    base = cycle_base(kind)
+    with torch.no_grad():  # give the draft real keys and values (cycle_draft zeroes only outputs)
+        for layer in base.model.layers:
+            layer.mlp.down_proj.weight.normal_(std=0.02)
+    draft = cycle_draft(base, right=True)
+    proposer = Eagle3Proposer(draft, DynamicTree(topk=3, depth=4, num_nodes=20))
+    cache = new_cache(base)
+    prompt = torch.tensor([3, 4, 5, 6])
+    verified = prefill(base, cache, prompt, proposer.feature_layers)
+    proposer.update(verified)
+    text = verified.tokens + [verified.next_token]
+    accepted = []
+    for _ in range(4):
+        draft_tree = proposer.propose(text, verified)
+        verified = verify_step(base, cache, draft_tree, proposer.feature_layers)
+        proposer.update(verified)
+        accepted.append(verified.accepted)
+        text += verified.tokens[1:] + [verified.next_token]
+    assert max(accepted) >= 2  # tree entries were added and thrown away on the accepted path
+    assert proposer.committed == len(proposer.cache) == len(text) - 1
+    expected = reference_cache(draft, base, text, len(text) - 1)
+    torch.testing.assert_close(proposer.cache.keys, expected.keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(proposer.cache.values, expected.values, atol=1e-5, rtol=1e-5)
+
+
+def test_tree_is_best_first_and_sized_as_asked():
+    base = tiny_base("llama")
+    proposer = Eagle3Proposer(random_draft(base), DynamicTree(topk=4, depth=3, num_nodes=12))
+    cache = new_cache(base)
+    verified = prefill(base, cache, torch.tensor(PROMPTS[1]), proposer.feature_layers)
+    proposer.update(verified)
+    tree = proposer.propose(verified.tokens + [verified.next_token], verified)
+    assert tree.num_nodes == 13 and int(tree.tokens[0]) == verified.next_token
+    assert all(parent < node for node, parent in enumerate(tree.parents) if node)
+    depths = [0]
+    for parent in tree.parents[1:]:
+        depths.append(depths[parent] + 1)
+    assert max(depths) <= 3 and depths.count(1) <= 4
+    with pytest.raises(ValueError, match="topk must be at least 1"):
+        DynamicTree(topk=0)
+
+
+def test_loads_an_exported_folder(tmp_path):
+    base = cycle_base("llama")
+    draft = cycle_draft(base, right=True)
+    export_eagle3(draft, tmp_path / "eagle3", base_num_layers=LAYERS)
+    proposer = load_eagle3_proposer(tmp_path / "eagle3", base, DynamicTree(topk=3, depth=4, num_nodes=20))
+    result = decode(base, proposer, [3, 4, 5], max_new_tokens=30)
+    assert result.tokens == hf_greedy(base, torch.tensor([3, 4, 5]), 30, [])
+    assert sum(result.accepted) >= 2 * len(result.accepted)
