@@ -162,16 +162,16 @@ def evaluate_draft(draft, source, indices: list[int], batch_size: int, num_steps
     return {"num_tokens": counts.tolist(), "loss": (loss_total / denominator).tolist(), "top1": (top1 / denominator).tolist()}
 
 
-def run(config: Eagle3Config) -> dict:
+def train(config: Eagle3Config) -> dict:
     config.validate()
     context = init_distributed(resolve_device(config.device))
     try:
-        return train(config, context)
+        return train_on(config, context)
     finally:
         shutdown_distributed(context)
 
 
-def train(config: Eagle3Config, context: DistributedContext) -> dict:
+def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
     torch.manual_seed(config.seed)
     device = context.device
     out = Path(config.out)
