@@ -2,6 +2,7 @@
 
 import pytest
 
+from medusaforge.decoding.tree import build_tree_buffers
 from medusaforge.drafters.merge import accepted_source, chain_tree, merge_trees
 
 # Heads (source 0): root 50; 11 and 12 under the root; 13 under 11.
@@ -59,3 +60,21 @@ def test_malformed_or_disagreeing_trees_are_refused():
         merge_trees([([50, 11], [-1])])
     with pytest.raises(ValueError, match="node 0 must be the root"):
         merge_trees([([50, 11], [0, 0])])
+
+
+def test_the_merged_trees_verify_buffers():
+    merged = merge_trees([(HEAD_TOKENS, HEAD_PARENTS), (LOOKUP_TOKENS, LOOKUP_PARENTS)])
+    buffers = build_tree_buffers(merged.parents)  # parents [-1, 0, 0, 1, 1, 4]
+    # Positions after the prefix: the root at 0, 11 and 12 at 1, 13 and 14 at 2, 15 at 3.
+    assert buffers.depths.tolist() == [0, 1, 1, 2, 2, 3]
+    # Each node sees the root, its ancestors and itself; 14 and 15 (lookup) see 11 (shared), not 12.
+    assert buffers.attention_mask.long().tolist() == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [1, 1, 0, 0, 1, 1],
+    ]
+    # One row per leaf (12, 13, 15) in node order; the lookup path runs through the shared node 1.
+    assert buffers.retrieve_indices.tolist() == [[0, 2, -1, -1], [0, 1, 3, -1], [0, 1, 4, 5]]
