@@ -81,7 +81,7 @@ def test_model_card_has_measurements_and_both_engines_commands(base, base_dir, t
     card = (out / "README.md").read_text()
     for text in ("2.310", "1.840", "| 20 |", "| True |", "0.600, 0.300, 0.125", "self-distilled UltraChat", str(base_dir),
                  f"--medusa_model_dir {out}", "--num_medusa_heads 3", "--speculative_decoding_mode medusa",
-                 "--format vllm"):
+                 "--format vllm", "TensorRT-LLM removed Medusa in 2026", "tree/v0.21.0/examples/medusa"):
         assert text in card, text
     assert (out / formats.MEDUSA_PICKLE_FILE).is_file()
     vllm_card = (tmp_path / "v" / "README.md")
@@ -123,16 +123,45 @@ def test_shared_lm_head_export_reads_the_base_and_round_trips(base, base_dir, tm
     assert torch.equal(heads(hidden_states()), back(hidden_states()))
 
 
-def test_truncated_vocab_medusa_export_refused_then_expanded(base, base_dir, tmp_path, capsys):
-    heads, heads_dir = trained_heads(base, base_dir, tmp_path, head_vocab_size=12)
-    assert main(["export", "--heads", str(heads_dir), "--format", "medusa", "--out", str(tmp_path / "a")]) == 1
-    assert "--expand-vocab" in capsys.readouterr().err
-    assert main(["export", "--heads", str(heads_dir), "--format", "medusa", "--out", str(tmp_path / "b"),
-                 "--expand-vocab", "--model", str(base_dir)]) == 0
-    back = import_heads(tmp_path / "b", base)
-    assert back.config.head_vocab_size == VOCAB
-    torch.testing.assert_close(back(hidden_states())[..., heads.token_map], heads(hidden_states())[..., heads.token_map],
-                               rtol=1e-6, atol=1e-5)
+@pytest.mark.parametrize("fmt", ["vllm", "medusa"])
+def test_truncated_vocab_export_widens_rows_and_reports_top1_on_cached_hidden_states(fmt, tmp_path, capsys):
+    """Both layouts need full-vocabulary rows per head; export widens them (no base model needed)
+    and, given a hidden-state cache, measures and records how often each head's top-1 is kept."""
+    from helpers import learnable_data, save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "tiny")
+    cache = tmp_path / "cache"
+    assert main(["cache", "--model", str(model_dir), "--data", str(learnable_data(tmp_path / "d.jsonl")),
+                 "--out", str(cache), "--dtype", "fp32"]) == 0
+    from medusaforge.models import lm_head_of, load_base_model
+
+    base = load_base_model(model_dir, check=False)
+    vocab, hidden = lm_head_of(base).weight.shape
+    torch.manual_seed(0)
+    heads = MedusaHeads(hidden, vocab, 2, 1, head_vocab_size=60, base_model=str(model_dir))
+    heads.token_map.copy_(torch.sort(torch.randperm(vocab)[:60]).values)
+    heads.init_from_base(lm_head_of(base).weight)
+    heads_dir = heads.save(tmp_path / "heads")
+    capsys.readouterr()
+    out = tmp_path / f"out-{fmt}"
+    assert main(["export", "--heads", str(heads_dir), "--format", fmt, "--out", str(out),
+                 "--hidden-cache", str(cache)]) == 0
+    printed = capsys.readouterr().out
+    fill = "shadow" if fmt == "vllm" else "zero"
+    assert f"top-1 kept by the {fill}-filled full-vocabulary rows" in printed
+    config = json.loads((out / "config.json").read_text())
+    agreement = config["medusaforge"]["top1_agreement"]
+    assert agreement["fill"] == fill and len(agreement["per_head"]) == 2 and agreement["num_tokens"] > 100
+    assert f"head 0 {100 * agreement['per_head'][0]:.2f}%" in printed
+    assert "Measured top-1 agreement" in (out / "README.md").read_text()
+    back = import_heads(out, base)
+    if fmt == "vllm":  # the token map rides along, so the trained heads come back bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), back.state_dict().values()))
+    else:  # the original layout has no token map: what comes back is what engines run
+        assert back.config.head_vocab_size == vocab
+    # Without a cache the export still works and says what it did not measure.
+    assert main(["export", "--heads", str(heads_dir), "--format", fmt, "--out", str(tmp_path / "again")]) == 0
+    assert "pass --hidden-cache" in capsys.readouterr().out
 
 
 def test_import_checks_shapes_against_the_base(base, base_dir, tmp_path):

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from medusaforge.interop import importer, layouts as formats
+from medusaforge.interop import importer, layout_readers as readers, layouts as formats
 from medusaforge.interop.layouts import FormatWarning
 from medusaforge.drafters.medusa_heads import MedusaHeads
 from medusaforge.interop.importer import import_heads
@@ -40,7 +40,7 @@ HIDDEN_STATES = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_see
 
 def test_vllm_round_trip_is_bit_identical():
     heads = random_heads(num_layers=2)
-    back = formats.from_vllm(*formats.to_vllm(heads))
+    back = readers.from_vllm(*formats.to_vllm(heads))
     assert same_state(heads, back)
     assert torch.equal(heads(HIDDEN_STATES), back(HIDDEN_STATES))
     assert back.config.base_model == "tiny-base"
@@ -48,35 +48,38 @@ def test_vllm_round_trip_is_bit_identical():
 
 def test_medusa_round_trip_is_bit_identical():
     heads = random_heads(num_heads=4)
-    back = formats.from_medusa(*formats.to_medusa(heads))
+    back = readers.from_medusa(*formats.to_medusa(heads))
     assert same_state(heads, back)
     assert torch.equal(heads(HIDDEN_STATES), back(HIDDEN_STATES))
 
 
-def test_truncated_vocab_round_trips_through_vllm_token_map():
+def test_truncated_vocab_round_trips_through_vllm_widened_rows_and_token_map():
     heads = random_heads(head_vocab_size=10)
     tensors, config = formats.to_vllm(heads)
-    assert config["truncated_vocab_size"] == 10 and tensors["token_map"].shape == (10,)
-    back = formats.from_vllm(tensors, config)
+    # vLLM 0.32 builds per-head lm_heads over the full vocabulary, so the rows are widened and the
+    # token map (kept for our import) must not switch vLLM's truncation on.
+    assert config["truncated_vocab_size"] == VOCAB and tensors["lm_heads.0.weight"].shape == (VOCAB, HIDDEN)
+    assert torch.equal(tensors["lm_heads.2.weight"][heads.token_map], heads.heads[2].lm_head.weight)
+    assert config[formats.PROVENANCE_KEY]["widened_vocab_fill"] == "shadow"
+    back = readers.from_vllm(tensors, config)
     assert same_state(heads, back)
     assert torch.equal(heads(HIDDEN_STATES), back(HIDDEN_STATES))
 
 
-def test_truncated_vocab_to_medusa_is_refused_or_expanded_with_base_rows():
+def test_truncated_vocab_to_medusa_is_widened_with_zero_rows_and_keeps_the_trained_rows():
     heads = random_heads(head_vocab_size=10)
-    with pytest.raises(ValueError, match="--expand-vocab"):
-        formats.to_medusa(heads)
-    base_weight = torch.randn(VOCAB, HIDDEN)
-    tensors, _ = formats.to_medusa(heads, base_weight, expand_vocab=True)
+    tensors, config = formats.to_medusa(heads)
     full = tensors["0.1.weight"]
     in_map = torch.zeros(VOCAB, dtype=torch.bool)
     in_map[heads.token_map] = True
     assert torch.equal(full[heads.token_map], heads.heads[0].lm_head.weight)
-    assert torch.equal(full[~in_map], base_weight[~in_map])
-    # The expanded head scores in-map tokens as the truncated head did (to rounding: a matmul with
-    # more rows may be blocked differently by the BLAS, so bits can differ in the last place).
-    expanded = formats.from_medusa(tensors, {})
-    torch.testing.assert_close(expanded(HIDDEN_STATES)[..., heads.token_map], heads(HIDDEN_STATES)[..., heads.token_map],
+    assert torch.count_nonzero(full[~in_map]) == 0
+    assert config["medusa_fc_bias"] is True and config[formats.PROVENANCE_KEY]["widened_vocab_fill"] == "zero"
+    # Imported back, the heads are what an engine runs: full vocabulary, in-map logits unchanged
+    # (to rounding: a matmul with more rows may be blocked differently by the BLAS).
+    widened = readers.from_medusa(tensors, config)
+    assert widened.config.head_vocab_size == VOCAB
+    torch.testing.assert_close(widened(HIDDEN_STATES)[..., heads.token_map], heads(HIDDEN_STATES)[..., heads.token_map],
                                rtol=1e-6, atol=1e-5)
 
 
@@ -87,13 +90,13 @@ def test_shared_lm_head_uses_vllm_original_lm_head_and_comes_back_shared():
     tensors, config = formats.to_vllm(heads, base_weight)
     assert config["original_lm_head"] is True
     assert [n for n in tensors if n.startswith("lm_heads")] == ["lm_heads.0.weight"]
-    back = formats.from_vllm(tensors, config)
+    back = readers.from_vllm(tensors, config)
     assert back.config.shared_lm_head and same_state(heads, back)
     assert torch.equal(heads(HIDDEN_STATES), back(HIDDEN_STATES))
     # The original layout has no sharing: every head gets a copy, and provenance restores sharing.
     tensors, config = formats.to_medusa(heads, base_weight)
     assert torch.equal(tensors["2.1.weight"], base_weight)
-    back = formats.from_medusa(tensors, config)
+    back = readers.from_medusa(tensors, config)
     assert back.config.shared_lm_head and torch.equal(heads(HIDDEN_STATES), back(HIDDEN_STATES))
 
 
@@ -101,19 +104,25 @@ def test_shared_lm_head_uses_vllm_original_lm_head_and_comes_back_shared():
 
 
 class VllmStyleMedusa(nn.Module):
-    """The module tree vLLM's medusa.py builds from config.json: `blocks[h].layers[l]` Linear layers
-    (bias only if medusa_fc_bias) and `lm_heads[h]` (one shared `lm_head` with original_lm_head)."""
+    """The module tree vLLM 0.32's model_executor/models/medusa.py builds from config.json:
+    `blocks[h].layers[l]` Linear layers (bias only if medusa_fc_bias); `lm_heads[h]` over the FULL
+    vocabulary, or with original_lm_head one `lm_head` over truncated_vocab_size rows. Its
+    LogitsProcessor keeps the first truncated_vocab_size logits, which are scattered into a row of
+    -inf at token_map when there is one."""
 
     def __init__(self, config: dict):
         super().__init__()
         hidden, fc_bias = config["hidden_size"], config.get("medusa_fc_bias", False)
-        rows = config.get("truncated_vocab_size") or config["vocab_size"]
+        self.truncated = config.get("truncated_vocab_size") or config["vocab_size"]
         block = lambda: nn.Module()  # noqa: E731 - a bare container, like vLLM's ResidualBlock
         self.blocks = nn.ModuleList(block() for _ in range(config["num_heads"]))
         for b in self.blocks:
             b.layers = nn.ModuleList(nn.Linear(hidden, hidden, bias=fc_bias) for _ in range(config["num_hidden_layers"]))
-        count = 1 if config.get("original_lm_head") else config["num_heads"]
-        self.lm_heads = nn.ModuleList(nn.Linear(hidden, rows, bias=False) for _ in range(count))
+        if config.get("original_lm_head"):
+            self.lm_head = nn.Linear(hidden, self.truncated, bias=False)
+        else:
+            self.lm_heads = nn.ModuleList(nn.Linear(hidden, config["vocab_size"], bias=False)
+                                          for _ in range(config["num_heads"]))
         self.config = config
 
     def logits(self, hidden: torch.Tensor, token_map: torch.Tensor | None) -> torch.Tensor:
@@ -122,7 +131,8 @@ class VllmStyleMedusa(nn.Module):
             x = hidden
             for layer in block.layers:
                 x = x + F.silu(layer(x))
-            logits = self.lm_heads[0 if self.config.get("original_lm_head") else h](x)
+            lm_head = self.lm_head if self.config.get("original_lm_head") else self.lm_heads[h]
+            logits = lm_head(x)[..., : self.truncated]
             if token_map is not None:
                 full = logits.new_full((*logits.shape[:-1], self.config["vocab_size"]), -torch.inf)
                 full[..., token_map] = logits
@@ -131,9 +141,21 @@ class VllmStyleMedusa(nn.Module):
         return torch.stack(out)
 
 
+def vllm_name(name: str) -> str:
+    """vLLM 0.32's Medusa._remap_old_checkpoint_key: FasterDecoding names -> its own."""
+    parts = name.split(".")
+    if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
+        if "linear" in parts[2:]:
+            return f"blocks.{parts[0]}.layers.{parts[1]}.{parts[-1]}"
+        return f"lm_heads.{parts[0]}.{'.'.join(parts[2:])}"
+    return name
+
+
 def vllm_load(tensors: dict, config: dict) -> tuple[VllmStyleMedusa, torch.Tensor | None]:
-    """vLLM's load_weights rules: strip `medusa_heads.`, token_map only when truncated, lm_heads.0 for
-    original_lm_head, anything else silently ignored (so we assert nothing is ignored)."""
+    """vLLM 0.32's load_weights rules: strip `medusa_heads.`, remap old names, token_map only when
+    truncated, lm_heads.0 -> lm_head with original_lm_head, lm_head rows sliced by token_map when
+    there are more, then the weight loader's shape assertion; anything else is silently ignored
+    (so we assert nothing but an unused token_map is)."""
     # vLLM's MedusaConfig.from_pretrained renames keys holding "num" + "heads"/"layers".
     renamed = dict(config)
     for key in list(renamed):
@@ -143,33 +165,41 @@ def vllm_load(tensors: dict, config: dict) -> tuple[VllmStyleMedusa, torch.Tenso
             renamed["num_hidden_layers"] = renamed.pop(key)
     model = VllmStyleMedusa(renamed)
     params = dict(model.named_parameters())
-    truncated = renamed.get("truncated_vocab_size", renamed["vocab_size"]) < renamed["vocab_size"]
-    token_map, loaded, ignored = None, set(), []
+    truncated = model.truncated < renamed["vocab_size"]
+    token_map, weights, ignored = None, {}, []
     for name, tensor in tensors.items():
-        name = name.replace("medusa_heads.", "")
-        if name == "token_map" and truncated:
-            token_map = tensor
+        name = vllm_name(name.replace("medusa_heads.", ""))
+        if name == "token_map":
+            if truncated:
+                token_map = tensor
+            else:
+                ignored.append(name)
         elif name in params:
-            assert params[name].shape == tensor.shape, name
-            params[name].data.copy_(tensor)
-            loaded.add(name)
+            weights[name] = tensor
+        elif renamed.get("original_lm_head") and name == "lm_heads.0.weight":
+            weights["lm_head.weight"] = tensor
         else:
             ignored.append(name)
-    assert not ignored, f"vLLM would silently drop {ignored}"
-    assert loaded == set(params), f"vLLM would leave {set(params) - loaded} uninitialised"
+    for name, tensor in weights.items():
+        if "lm_head" in name and token_map is not None and tensor.shape[0] > token_map.shape[0]:
+            tensor = tensor[token_map]
+        assert params[name].shape == tensor.shape, f"vLLM's weight loader asserts on {name}"
+        params[name].data.copy_(tensor)
+    assert set(ignored) <= {"token_map"}, f"vLLM would silently drop {ignored}"
+    assert set(weights) == set(params), f"vLLM would leave {set(params) - set(weights)} uninitialised"
     assert not truncated or token_map is not None
     return model, token_map
 
 
-@pytest.mark.parametrize("variant", ["plain", "two_layers", "truncated", "shared"])
+@pytest.mark.parametrize("variant", ["plain", "two_layers", "truncated", "shared", "shared_truncated"])
 def test_vllm_export_matches_vllm_loader_rules(variant, tmp_path):
     heads = random_heads(
         num_layers=2 if variant == "two_layers" else 1,
-        head_vocab_size=10 if variant == "truncated" else None,
-        shared=variant == "shared",
+        head_vocab_size=10 if "truncated" in variant else None,
+        shared="shared" in variant,
     )
     base_weight = torch.randn(VOCAB, HIDDEN)
-    if variant == "shared":
+    if "shared" in variant:
         heads.init_from_base(base_weight)
     tensors, config = formats.to_vllm(heads, base_weight)
     save_file(tensors, str(tmp_path / "model.safetensors"))
@@ -177,8 +207,34 @@ def test_vllm_export_matches_vllm_loader_rules(variant, tmp_path):
     assert config["model_type"] == "medusa" and config["architectures"] == ["MedusaModel"]
     assert config["medusa_fc_bias"] is True
     model, token_map = vllm_load(load_file(str(tmp_path / "model.safetensors")), config)
-    assert torch.equal(model.logits(HIDDEN_STATES, token_map), heads(HIDDEN_STATES).masked_fill(
-        heads(HIDDEN_STATES) == torch.finfo(torch.float32).min, -torch.inf))
+    with torch.no_grad():
+        theirs, ours = model.logits(HIDDEN_STATES, token_map), heads(HIDDEN_STATES)
+    if variant == "truncated":
+        # Widened rows: the logits differ outside the map, the drafted token (argmax) does not.
+        assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+        # (to rounding: a matmul with more rows may be blocked differently by the BLAS)
+        torch.testing.assert_close(theirs[..., heads.token_map], ours[..., heads.token_map], rtol=1e-6, atol=1e-5)
+    else:
+        assert torch.equal(theirs, ours.masked_fill(ours == torch.finfo(torch.float32).min, -torch.inf))
+
+
+@pytest.mark.parametrize("head_vocab_size", [None, 10])
+def test_original_layout_loads_in_vllm_with_its_biases(head_vocab_size, tmp_path):
+    """vLLM 0.32 also reads the FasterDecoding layout (method "medusa"): names remapped, counts renamed;
+    medusa_fc_bias keeps the biases, which it would otherwise drop."""
+    heads = random_heads(head_vocab_size=head_vocab_size)
+    tensors, config = formats.to_medusa(heads)
+    config = json.loads(json.dumps(config))
+    model, token_map = vllm_load(tensors, config)
+    assert token_map is None and torch.count_nonzero(model.blocks[0].layers[0].bias) > 0
+    with torch.no_grad():
+        theirs, ours = model.logits(HIDDEN_STATES, None), heads(HIDDEN_STATES)
+    if head_vocab_size is None:
+        assert torch.equal(theirs, ours)
+    else:  # zero rows: the trained logits are kept, and a zero row wins only over all-negative ones
+        torch.testing.assert_close(theirs[..., heads.token_map], ours[..., heads.token_map], rtol=1e-6, atol=1e-5)
+        all_negative = (ours.max(-1).values < 0)
+        assert torch.equal((theirs.argmax(-1) == ours.argmax(-1)), ~all_negative)
 
 
 class OriginalResBlock(nn.Module):
@@ -256,7 +312,7 @@ def test_legacy_layout_reuses_base_lm_head(tmp_path):
     with pytest.raises(ValueError, match="legacy Medusa layout"):
         import_heads(tmp_path / "legacy")
     tensors = importer.read_tensors(tmp_path / "legacy" / "medusa_lm_head.safetensors")
-    heads = formats.from_medusa(tensors, {}, vocab_size=VOCAB)
+    heads = readers.from_medusa(tensors, {}, vocab_size=VOCAB)
     assert heads.config.shared_lm_head and heads.config.vocab_size == VOCAB
 
 
@@ -274,7 +330,7 @@ def test_vllm_biases_without_fc_bias_flag_are_zeroed_like_vllm_does():
     tensors, config = formats.to_vllm(heads)
     config["medusa_fc_bias"] = False
     with pytest.warns(FormatWarning, match="vLLM ignores"):
-        back = formats.from_vllm(tensors, config)
+        back = readers.from_vllm(tensors, config)
     assert torch.count_nonzero(back.heads[0].blocks[0].linear.bias) == 0
 
 

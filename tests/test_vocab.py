@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from helpers import save_tiny_model
-from test_train import learnable_data
+from helpers import learnable_data, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from medusaforge.cli import main
 from medusaforge.drafters.medusa_proposer import head_candidates
 from medusaforge.drafters.medusa_heads import MedusaHeads, load_heads
+from medusaforge.interop.importer import import_heads
 from medusaforge.training.loss import linear_cross_entropy, materialized_head_losses, medusa_head_losses
 from medusaforge.drafters.vocab import most_frequent_tokens, target_token_counts
 
@@ -93,4 +93,7 @@ def test_head_vocab_training_saves_a_token_map_that_export_keeps(tmp_path, monke
     assert torch.equal(heads.token_map, torch.sort(heads.token_map).values)
     assert main(["export", "--heads", str(out / "heads"), "--format", "vllm", "--out", str(tmp_path / "vllm")]) == 0
     engine_config = json.loads((tmp_path / "vllm" / "config.json").read_text())
-    assert engine_config["truncated_vocab_size"] == 40
+    # vLLM 0.32 takes per-head projections only over the full vocabulary: the export widens them and
+    # keeps the token map for our own import, which restores the 40-token heads.
+    assert engine_config["truncated_vocab_size"] == 320 and engine_config["medusaforge"]["head_vocab_size"] == 40
+    assert import_heads(tmp_path / "vllm", base).config.head_vocab_size == 40

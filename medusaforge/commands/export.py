@@ -17,39 +17,42 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from medusaforge.interop import layouts as formats
-from medusaforge.config import option
+from medusaforge.config import dtype_option, option
 from medusaforge.drafters.medusa_heads import CONFIG_FILE, MedusaHeads
 from medusaforge.files import atomic_write_text, refuse_non_empty, staging_directory
+from medusaforge.interop import layouts as formats
+from medusaforge.interop.full_vocab import top1_agreement
 from medusaforge.interop.importer import import_heads
 from medusaforge.interop.model_card import model_card, read_eval_json
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto" keeps the heads' own dtype.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
 class ExportConfig:
-    """Export heads to vLLM's layout or the original Medusa layout (read by TensorRT-LLM), with a README.md model card."""
+    """Export heads to vLLM's layout or the original Medusa layout, with a README.md model card."""
 
     heads: str = option("", "heads folder to export (medusaforge, vLLM or original-Medusa layout)")
-    format: str = option("vllm", "target layout: vllm, or medusa (FasterDecoding's, which TensorRT-LLM converts)",
-                         choices=list(formats.FORMATS))
+    format: str = option("vllm", "target layout: vllm, or medusa (FasterDecoding's original layout, which vLLM "
+                                 "also reads and TensorRT-LLM's removed converter read)", choices=list(formats.FORMATS))
     out: str = option("", "output folder; refused if it exists and is not empty, unless --overwrite")
     overwrite: bool = option(False, "replace a non-empty --out folder")
-    expand_vocab: bool = option(False, "format medusa: write truncated-vocabulary heads as full-vocabulary "
-                                       "projections, rows outside the token map copied from the base lm_head")
     model: str = option("", "base model (built-in name, folder or hub id); checks the heads fit it, and is needed for "
-                            "shared-lm_head heads and --expand-vocab (default then: the heads' base_model)")
+                            "shared-lm_head heads (default then: the heads' base_model)")
     allow_other_base: bool = option(False, "accept --model even if its weights differ from those the heads were trained on")
     base_model_id: str = option("", "base model name written into config.json and the model card "
                                     "(default: the heads' base_model)")
     eval_json: str = option("", "JSON from `medusaforge eval`; accept_length, speedup, ... go into the model card")
     data: str = option("", "training data described in the model card (default: what the heads' config records)")
-    dtype: str = option("keep", "dtype of the written tensors: keep, float32, bfloat16 or float16",
-                        choices=["keep", *DTYPES])
+    dtype: str = dtype_option("auto", "dtype of the written tensors (auto: the heads' own)")
     write_pt: bool = option(False, "format medusa: also write medusa_lm_head.pt, for FasterDecoding's own code and "
                                    "older TensorRT-LLM releases, which read only the pickle")
     num_speculative_tokens: int = option(0, "K in the model card's vLLM command (0: one per head)")
+    hidden_cache: str = option("", "a `medusaforge cache` folder of the base's real hidden states: when the layout forces "
+                                   "truncated heads onto the full vocabulary, measure on it how often each head's top-1 "
+                                   "is kept (printed and written into the model card)")
+    check_tokens: int = option(20000, "at most this many assistant-token hidden states are read for --hidden-cache")
 
     def validate(self) -> None:
         if not self.heads:
@@ -60,6 +63,8 @@ class ExportConfig:
             raise ValueError("--write-pt only applies to --format medusa")
         if self.num_speculative_tokens < 0:
             raise ValueError("--num-speculative-tokens must be >= 0")
+        if self.check_tokens < 1:
+            raise ValueError("--check-tokens must be >= 1")
 
 
 def run(config: ExportConfig) -> Path:
@@ -67,28 +72,75 @@ def run(config: ExportConfig) -> Path:
     _check_output(out, Path(config.heads), config.overwrite)
     heads = import_heads(config.heads)
     base_weight = None
-    if config.model or heads.config.shared_lm_head or (config.expand_vocab and heads.token_map is not None):
+    if config.model or heads.config.shared_lm_head:
         base_weight, heads = _base_lm_head(config, heads)
     if config.num_speculative_tokens > heads.num_heads:
         raise ValueError(f"--num-speculative-tokens {config.num_speculative_tokens} > {heads.num_heads} heads")
     base_model_id = config.base_model_id or heads.config.base_model
     if config.format == formats.VLLM:
         tensors, engine_config = formats.to_vllm(heads, base_weight)
-        weight_files = {formats.VLLM_WEIGHTS_FILE: tensors}
+        weights_file = formats.VLLM_WEIGHTS_FILE
     else:
-        tensors, engine_config = formats.to_medusa(heads, base_weight, config.expand_vocab, base_model_id)
-        weight_files = {formats.MEDUSA_WEIGHTS_FILE: tensors}
-    if config.dtype != "keep":
+        tensors, engine_config = formats.to_medusa(heads, base_weight, base_model_id)
+        weights_file = formats.MEDUSA_WEIGHTS_FILE
+    if config.dtype != "auto":
         tensors = {n: t.to(DTYPES[config.dtype]) if t.is_floating_point() else t for n, t in tensors.items()}
-        weight_files = {name: tensors for name in weight_files}
-        engine_config["torch_dtype"] = config.dtype
+        engine_config["torch_dtype"] = str(DTYPES[config.dtype]).removeprefix("torch.")
+    agreement = _agreement(config, heads, base_weight)
+    if agreement is not None:
+        engine_config[formats.PROVENANCE_KEY]["top1_agreement"] = agreement
     eval_results = read_eval_json(config.eval_json) if config.eval_json else None
     card = model_card(heads.config, config.format, str(out), base_model_id, eval_results, config.data,
-                      config.num_speculative_tokens or None)
-    _write_folder(out, weight_files, engine_config, card, write_pt=config.write_pt)
+                      config.num_speculative_tokens or None, agreement=agreement)
+    _write_folder(out, {weights_file: tensors}, engine_config, card, write_pt=config.write_pt)
     names = sorted(p.name for p in out.iterdir())
     print(f"exported {heads.num_heads} heads ({config.format} layout) to {out}: {', '.join(names)}")
     return out
+
+
+def _agreement(config: ExportConfig, heads: MedusaHeads, base_weight: torch.Tensor | None) -> dict | None:
+    """How often each head's top-1 survives the layout, on real hidden states; None when the layout
+    is exact (no widening) or no --hidden-cache was given (then it says so)."""
+    exact = heads.token_map is None or (heads.config.shared_lm_head and config.format == formats.VLLM)
+    if exact:
+        return None
+    fill = formats.FILL_FOR_FORMAT[config.format]
+    if not config.hidden_cache:
+        print(f"note: the {config.format} layout widens these truncated heads to the full vocabulary ({fill} rows); "
+              "pass --hidden-cache to measure how often each head's top-1 is kept")
+        return None
+    hidden = _cache_hidden_states(config.hidden_cache, config.check_tokens)
+    rows = formats.exported_rows(heads, config.format, base_weight)
+    if config.dtype != "auto":
+        rows = [r.to(DTYPES[config.dtype]) for r in rows]
+    per_head = []
+    with torch.no_grad():
+        for k in range(heads.num_heads):
+            transformed = heads.transform(hidden.to(heads.projection_weight(k).dtype), k)
+            per_head.append(top1_agreement(transformed, heads.projection_weight(k), heads.token_map, rows[k]))
+    shown = ", ".join(f"head {k} {100 * a:.2f}%" for k, a in enumerate(per_head))
+    print(f"top-1 kept by the {fill}-filled full-vocabulary rows on {len(hidden)} real hidden states: {shown}")
+    return {"fill": fill, "per_head": per_head, "num_tokens": len(hidden), "hidden_cache": str(config.hidden_cache)}
+
+
+def _cache_hidden_states(directory: str, max_tokens: int) -> torch.Tensor:
+    """[N <= max_tokens, hidden] float32 hidden states at assistant tokens (where heads draft), from
+    examples spread evenly over the cache."""
+    from medusaforge.training.hidden_cache import HiddenCache
+
+    cache = HiddenCache(directory)
+    stride = max(1, len(cache) // 256)
+    parts, count = [], 0
+    for index in range(0, len(cache), stride):
+        _, mask = cache.data.example(index)
+        states = cache.hidden(index)[mask.bool()].float()
+        parts.append(states)
+        count += len(states)
+        if count >= max_tokens:
+            break
+    if not parts:
+        raise ValueError(f"{directory}: the hidden-state cache holds no examples")
+    return torch.cat(parts)[:max_tokens]
 
 
 def _check_output(out: Path, heads_dir: Path, overwrite: bool) -> None:

@@ -22,6 +22,8 @@ from torch import nn
 from medusaforge.decoding.adaptive import AdaptiveDrafting
 from medusaforge.decoding.tree import default_tree
 from medusaforge.decoding.verify import new_cache, prefill, verify_step
+from medusaforge.drafters.hybrid import HybridProposer
+from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.drafters.medusa_proposer import Candidates, MedusaProposer
 from medusaforge.drafters.proposer import Proposer, root_only
 from medusaforge.models import lm_head_of
@@ -32,6 +34,8 @@ class DecodeResult:
     tokens: list[int]  # new tokens only; ends with the EOS token if one stopped decoding
     accepted: list[int] = field(default_factory=list)  # candidates accepted at each verify step
     drafted: list[int] = field(default_factory=list)  # candidate nodes verified at each step (0: plain step)
+    # with lookup: which drafter supplied each step's accepted path ("heads", "lookup", "both", "none")
+    sources: list[str] = field(default_factory=list)
     stopped_by: str = "length"  # "eos" or "length"
 
     @property
@@ -131,17 +135,25 @@ def medusa_generate(
     generator: torch.Generator | None = None,
     candidates: Candidates | None = None,
     adaptive: AdaptiveDrafting | None = None,
+    lookup: LookupProposer | None = None,
 ) -> DecodeResult:
     """Medusa heads on a path tree (default: the shipped tree for the head count).
 
     An empty tree (a tree file from `medusaforge tree` that found no draft worth its cost) decodes
     without drafting. `candidates` replaces the heads as the source of candidates (tests use an oracle).
+    `lookup`: also draft prompt-lookup chains, merged into the heads' tree (drafters/hybrid.py);
+    result.sources then says which drafter supplied each step's accepted path.
     """
     if tree is None:
         if heads is None:
             raise ValueError("medusa_generate: pass a tree when decoding without heads")
         tree = default_tree(heads.num_heads)
     proposer = MedusaProposer(heads, tree, candidates) if tree else None
-    return speculative_generate(
+    if lookup is not None:
+        proposer = HybridProposer(proposer, lookup) if proposer is not None else lookup
+    result = speculative_generate(
         base, proposer, input_ids, max_new_tokens, eos_token_ids, temperature, typical_epsilon, typical_alpha, generator, adaptive
     )
+    if lookup is not None:
+        result.sources = [source for source, _ in proposer.steps]
+    return result

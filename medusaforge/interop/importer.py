@@ -4,7 +4,7 @@
 `train --init-heads`, Medusa-2 and `export` call it. It tells the layouts apart from the files
 (`detect_format`), refuses full models (e.g. Medusa-2 checkpoints with a fine-tuned base inside),
 reads our own layout with `drafters.medusa_heads.load_heads`, converts the engines' layouts with
-`interop.layouts`, and, given the base model, checks that the heads fit it."""
+`interop.layout_readers`, and, given the base model, checks that the heads fit it."""
 
 from __future__ import annotations
 
@@ -19,16 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from medusaforge.interop.layouts import (
-    MEDUSA,
-    MEDUSA_PICKLE_FILE,
-    MEDUSA_WEIGHTS_FILE,
-    VLLM,
-    FormatWarning,
-    from_medusa,
-    from_vllm,
-)
 from medusaforge.drafters.medusa_heads import CONFIG_FILE, FORMAT_NAME, MedusaHeads, check_heads_match_base, load_heads
+from medusaforge.interop.layout_readers import from_medusa, from_vllm
+from medusaforge.interop.layouts import MEDUSA, MEDUSA_PICKLE_FILE, MEDUSA_WEIGHTS_FILE, VLLM, FormatWarning
 
 # Tensor names that only a full causal LM has: a folder holding them is a model, not heads.
 FULL_MODEL_KEYS = re.compile(r"(^|\.)(embed_tokens|layers\.\d+\.self_attn|h\.\d+\.attn|wte)\.|^lm_head\.weight$")

@@ -19,7 +19,12 @@ EVAL_KEYS = {
     "per_head_acceptance": "acceptance rate of each head's token",
     "dtype": "dtype measured in",
 }
-TRTLLM_EXAMPLE = "https://github.com/NVIDIA/TensorRT-LLM/tree/main/examples/medusa"
+# TensorRT-LLM deleted examples/medusa and the TensorRT engine backend that Medusa needed from its
+# main branch in July 2026 (PRs #15763, #15918, #16369); a release tag from before then still has them.
+TRTLLM_EXAMPLE = "https://github.com/NVIDIA/TensorRT-LLM/tree/v0.21.0/examples/medusa"
+TRTLLM_REMOVED = ("TensorRT-LLM removed Medusa in 2026: `examples/medusa` was deleted and the TensorRT engine "
+                  "backend it needs was removed, so current releases cannot serve these heads. Pin a release from "
+                  "before July 2026 (the 0.x line up to v0.21.0, or 1.x up to 1.2) to use its converter.")
 
 
 def read_eval_json(path: str | Path) -> dict:
@@ -44,8 +49,12 @@ def model_card(
     eval_results: dict | None = None,
     data: str = "",
     num_speculative_tokens: int | None = None,
+    agreement: dict | None = None,
 ) -> str:
-    """Markdown text of README.md for heads exported in `fmt` ("vllm" or "medusa") to `out_dir`."""
+    """Markdown text of README.md for heads exported in `fmt` ("vllm" or "medusa") to `out_dir`.
+
+    agreement: export's measurement of how often each head's top-1 survived widening a truncated
+    vocabulary ({"fill", "per_head", "num_tokens", "hidden_cache"}), or None."""
     base = base_model_id or config.base_model or "BASE_MODEL"
     k = num_speculative_tokens or config.num_heads
     data = data or str(config.extra.get("data", "") or config.extra.get("dataset", "") or "not recorded")
@@ -81,6 +90,7 @@ def model_card(
             "and use that path wherever the commands below say "
             f"`{base}`.",
         ]
+    lines += _widened_section(config, fmt, agreement)
     lines += ["", "## Measured", ""] + _measured(eval_results)
     lines += ["", "## Serve with vLLM", ""] + _vllm_section(fmt, base, out_dir, k)
     lines += ["", "## Serve with TensorRT-LLM", ""] + _trtllm_section(fmt, base, out_dir, config)
@@ -101,6 +111,28 @@ def _measured(results: dict | None) -> list[str]:
         lines += ["", f"Candidate tree used: `{json.dumps(tree) if not isinstance(tree, str) else tree}`"]
     lines += ["", "Measured with medusaforge's own tree decoding; an engine's numbers depend on its "
               "drafting scheme (vLLM drafts one top-1 chain) and batch size."]
+    return lines
+
+
+def _widened_section(config: HeadsConfig, fmt: str, agreement: dict | None) -> list[str]:
+    truncated = config.head_vocab_size != config.vocab_size
+    if not truncated or (config.shared_lm_head and fmt == "vllm"):
+        return []
+    layout = "vLLM builds every per-head projection over the full vocabulary" if fmt == "vllm" else \
+        "the original Medusa layout has no token map"
+    fill = agreement["fill"] if agreement else ("shadow" if fmt == "vllm" else "zero")
+    how = ("each copies the row of the nearest trained token with a lower id, so it ties with that token and "
+           "argmax picks the trained one" if fill == "shadow" else "they score 0, which wins only when every "
+           "trained logit is negative")
+    lines = ["", "## Vocabulary in this layout", "",
+             f"The heads were trained on {config.head_vocab_size} of the {config.vocab_size} tokens, and {layout}; "
+             f"the other rows are filled with {fill} rows: {how}."]
+    if agreement:
+        shown = ", ".join(f"head {k}: {100 * a:.2f}%" for k, a in enumerate(agreement["per_head"]))
+        lines += ["", f"Measured top-1 agreement with the trained heads on {agreement['num_tokens']} real hidden "
+                      f"states: {shown}."]
+    else:
+        lines += ["", "Top-1 agreement with the trained heads was not measured (export with --hidden-cache)."]
     return lines
 
 
@@ -143,7 +175,9 @@ def _vllm_section(fmt: str, base: str, out_dir: str, k: int) -> list[str]:
 def _trtllm_section(fmt: str, base: str, out_dir: str, config: HeadsConfig) -> list[str]:
     if fmt != "medusa":
         return [
-            "TensorRT-LLM's converter reads the original Medusa layout; export one with",
+            TRTLLM_REMOVED,
+            "",
+            "Its converter read the original Medusa layout; export one with",
             "",
             "```bash",
             f"medusaforge export --heads {out_dir} --format medusa --out {out_dir}-medusa",
@@ -152,7 +186,9 @@ def _trtllm_section(fmt: str, base: str, out_dir: str, config: HeadsConfig) -> l
     # The head count is passed explicitly: the converter's flag has a default that wins over config.json
     # in some releases, and published Medusa configs are known to state the wrong count.
     return [
-        f"With TensorRT-LLM's Medusa example ({TRTLLM_EXAMPLE}; Llama-family bases):",
+        TRTLLM_REMOVED,
+        "",
+        f"With such a release's Medusa example ({TRTLLM_EXAMPLE}; Llama-family bases):",
         "",
         "```bash",
         f"python convert_checkpoint.py --model_dir {base} \\",
