@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from medusaforge.decoding.decoder import speculative_generate
-from medusaforge.drafters.hybrid import HybridProposer
+from medusaforge.decoding.decoder import medusa_generate, speculative_generate
+from medusaforge.drafters.hybrid import HybridProposer, accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.drafters.medusa_proposer import MedusaProposer
 
@@ -119,3 +119,27 @@ def test_hybrid_is_lossless_and_names_the_source_of_each_accepted_path(
     steps = proposer.steps[:-1]  # the last step may be cut short by max_new_tokens
     assert steps == [(source, accepted)] * len(steps)
     assert set(result.drafted[:-1]) == {candidates}
+
+
+def test_medusa_generate_takes_lookup_and_reports_sources(base, expected):
+    reference = right_reference(expected)
+    lookup = LookupProposer(num_tokens=3, min_ngram=NGRAM, max_ngram=NGRAM, reference=reference)
+    result = medusa_generate(base, None, PROMPT, NEW_TOKENS, tree=TREE, candidates=oracle_heads(reference, False), lookup=lookup)
+    assert result.tokens == expected[:NEW_TOKENS]
+    assert len(result.sources) == len(result.accepted)
+    assert set(result.sources[:-1]) == {"lookup"}
+    # No heads' tree at all (a tree file that says "no drafting"): lookup alone.
+    alone = medusa_generate(base, None, PROMPT, NEW_TOKENS, tree=[], lookup=lookup)
+    assert alone.tokens == expected[:NEW_TOKENS]
+    assert set(alone.sources[:-1]) == {"lookup"}
+
+
+def test_accept_by_source_on_a_hand_made_run():
+    sources = ["lookup", "heads", "none", "lookup", "both"]
+    accepted = [5, 2, 0, 3, 1]
+    assert accept_by_source(sources, accepted) == {
+        "both": {"steps": 1, "share": 0.2, "accept_length": 2.0},
+        "heads": {"steps": 1, "share": 0.2, "accept_length": 3.0},
+        "lookup": {"steps": 2, "share": 0.4, "accept_length": 5.0},
+        "none": {"steps": 1, "share": 0.2, "accept_length": 1.0},
+    }

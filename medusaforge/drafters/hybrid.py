@@ -59,3 +59,16 @@ class HybridProposer:
         self._sources = tuple(merged.sources)
         device = next(iter(drafts.values())).tokens.device
         return DraftTree(torch.tensor(merged.tokens, device=device), tuple(merged.parents), self._sources)
+
+
+def accept_by_source(sources: list[str], accepted: list[int]) -> dict[str, dict[str, float]]:
+    """Per label ("heads", "lookup", "both", "none"): the verify steps whose accepted path that
+    source supplied, their share of all steps, and their mean accept length (tokens per step, the
+    base's own token included). sources, accepted: one entry per step, as in DecodeResult."""
+    if len(sources) != len(accepted):
+        raise ValueError(f"accept_by_source: {len(sources)} sources for {len(accepted)} steps")
+    report = {}
+    for label in sorted(set(sources)):
+        lengths = [a + 1 for s, a in zip(sources, accepted) if s == label]
+        report[label] = {"steps": len(lengths), "share": len(lengths) / len(sources), "accept_length": sum(lengths) / len(lengths)}
+    return report
