@@ -20,6 +20,8 @@ from medusaforge.config import config_to_dict, option
 from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
 from medusaforge.decoding.decoder import DecodeResult, medusa_generate
 from medusaforge.decoding.loading import hf_greedy, load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.drafters.hybrid import accept_by_source
+from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.models import DEFAULT_MODEL
 
 
@@ -29,10 +31,12 @@ class EvalConfig:
 
     model: str = option(DEFAULT_MODEL, "base model: built-in name, local folder or hub id")
     heads: Path = option(Path("runs/demo/heads"), "heads folder (a train --out folder or its heads/ subfolder)")
-    prompts: str = option("mt-bench", "prompts file (.jsonl / .txt) or 'mt-bench' (the 80 first turns)")
+    prompts: str = option("mt-bench", "prompts file (.jsonl / .txt), 'mt-bench' (the 80 first turns) or 'copy-heavy' (45 that copy from their input)")
     limit: int = option(0, "use only the first N prompts (0 = all)")
     max_new_tokens: int = option(128, "tokens to generate per prompt")
     tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count")
+    lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
+    lookup_tokens: int = option(8, "with --lookup: tokens per lookup chain")
     dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     warmup_tokens: int = option(16, "tokens each decoder generates once before timing starts")
@@ -44,6 +48,8 @@ class EvalConfig:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
+        if self.lookup_tokens < 1:
+            raise ValueError("--lookup-tokens must be at least 1")
 
 
 def head_acceptance(accepted: list[int], num_heads: int) -> dict[str, list[float]]:
@@ -101,14 +107,16 @@ def run(config: EvalConfig) -> dict:
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
     print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, tree of {len(tree)} nodes", flush=True)
 
+    lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup else None
+
     def medusa(ids, n) -> DecodeResult:
-        return medusa_generate(base, heads, ids, n, eos, tree)
+        return medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup)
 
     if config.baseline:
         hf_greedy(base, encoded[0], config.warmup_tokens, eos)  # warm-up: first calls allocate and pick kernels
     medusa(encoded[0], config.warmup_tokens)
 
-    records, accepted, mismatches = [], [], []
+    records, accepted, mismatches, sources = [], [], [], []
     baseline_seconds = medusa_seconds = 0.0
     baseline_tokens = medusa_tokens = 0
     for number, (chat, ids) in enumerate(zip(chats, encoded), start=1):
@@ -127,6 +135,7 @@ def run(config: EvalConfig) -> dict:
         medusa_seconds += medusa_time
         medusa_tokens += len(result.tokens)
         accepted += result.accepted
+        sources += result.sources
         record.update(medusa_tokens=len(result.tokens), verify_steps=result.num_steps, medusa_s=medusa_time)
         line += f" accept {sum(result.accept_lengths) / max(result.num_steps, 1):.2f}  medusa {len(result.tokens) / medusa_time:.1f} tok/s"
         if config.baseline:
@@ -155,6 +164,8 @@ def run(config: EvalConfig) -> dict:
         "per_head_acceptance": per_head["rate"],
         "per_head_conditional_acceptance": per_head["conditional"],
         "verify_steps": len(accepted),
+        # with --lookup: which drafter supplied the accepted path, per source (heads, lookup, both, none)
+        "accept_by_source": accept_by_source(sources, accepted) if config.lookup else None,
         "accept_length_histogram": {str(n): accept_lengths.count(n) for n in sorted(set(accept_lengths))},
         "mismatches": mismatches,
         "dtype": dtype,
@@ -170,6 +181,9 @@ def run(config: EvalConfig) -> dict:
     if write_histogram(accept_lengths, histogram, title):
         summary["histogram"] = str(histogram)
     report = f"accept length {summary['accept_length']:.2f}  per-head {[round(r, 3) for r in per_head['rate']]}\n"
+    if config.lookup:
+        by_source = summary["accept_by_source"]
+        report += "by source: " + "  ".join(f"{s} {v['share']:.0%} of steps, accept {v['accept_length']:.2f}" for s, v in by_source.items()) + "\n"
     if config.baseline:
         report += (
             f"greedy {baseline_tps:.1f} tok/s  medusa {medusa_tps:.1f} tok/s  speedup {summary['speedup']:.2f}x  "

@@ -12,6 +12,7 @@ from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate
 from medusaforge.decoding.loading import load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.models import DEFAULT_MODEL
 
 
@@ -22,9 +23,11 @@ class GenerateConfig:
     model: str = option(DEFAULT_MODEL, "base model: built-in name, local folder or hub id")
     heads: Path = option(Path("runs/demo/heads"), "heads folder (a train --out folder or its heads/ subfolder)")
     prompt: str = option("", "prompt text (rendered with the chat template)")
-    prompts: str = option("", "instead of --prompt: a prompts file (.jsonl / .txt) or 'mt-bench'")
+    prompts: str = option("", "instead of --prompt: a prompts file (.jsonl / .txt), 'mt-bench' or 'copy-heavy'")
     limit: int = option(0, "with --prompts: use only the first N (0 = all)")
     tree: Path | None = option(None, "tree JSON (a list of paths); default: the shipped tree for the head count")
+    lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
+    lookup_tokens: int = option(8, "with --lookup: tokens per lookup chain")
     max_new_tokens: int = option(128, "tokens to generate at most")
     temperature: float = option(0.0, "0 = greedy (lossless); > 0 samples with typical acceptance")
     typical_epsilon: float = option(0.09, "typical acceptance: hard threshold epsilon")
@@ -40,6 +43,8 @@ class GenerateConfig:
             raise ValueError("give --prompt TEXT or --prompts FILE")
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
+        if self.lookup_tokens < 1:
+            raise ValueError("--lookup-tokens must be at least 1")
 
 
 def run(config: GenerateConfig) -> None:
@@ -49,13 +54,14 @@ def run(config: GenerateConfig) -> None:
     eos = stop_token_ids(tokenizer, base)
     chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
     generator = torch.Generator(device=base.device).manual_seed(config.seed)
+    lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup else None
     for messages in chats:
         input_ids = encode_prompt(tokenizer, messages, chat=config.chat).to(base.device)
         start = time.perf_counter()
         result = medusa_generate(
             base, heads, input_ids, config.max_new_tokens, eos, tree,
             temperature=config.temperature, typical_epsilon=config.typical_epsilon,
-            typical_alpha=config.typical_alpha, generator=generator,
+            typical_alpha=config.typical_alpha, generator=generator, lookup=lookup,
         )
         seconds = time.perf_counter() - start
         print(tokenizer.decode(result.tokens, skip_special_tokens=True))
