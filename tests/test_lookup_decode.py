@@ -143,3 +143,32 @@ def test_accept_by_source_on_a_hand_made_run():
         "lookup": {"steps": 2, "share": 0.4, "accept_length": 5.0},
         "none": {"steps": 1, "share": 0.2, "accept_length": 1.0},
     }
+
+
+def test_eval_with_lookup_reports_accept_length_per_source(tmp_path):
+    import json
+
+    from helpers import save_tiny_model, write_jsonl
+
+    from medusaforge.cli import main
+    from medusaforge.drafters.medusa_heads import MedusaHeads
+    from medusaforge.models import lm_head_of, load_base_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    tiny = load_base_model(model_dir, check=False)
+    torch.manual_seed(0)
+    heads = MedusaHeads(tiny.config.hidden_size, tiny.config.vocab_size, 2, 1, base_model=str(model_dir))
+    heads.init_from_base(lm_head_of(tiny).weight)
+    heads_dir = heads.save(tmp_path / "heads")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hello there, the cat sat. Hello there, the cat sat."}, {"prompt": "What is the capital of France?"}])
+    out = tmp_path / "eval.json"
+    main(["eval", "--model", str(model_dir), "--heads", str(heads_dir), "--prompts", str(prompts), "--max-new-tokens", "24",
+          "--dtype", "fp32", "--warmup-tokens", "2", "--json", str(out), "--lookup", "true", "--lookup-tokens", "4"])
+    result = json.loads(out.read_text())
+    assert result["identical"] is True
+    by_source = result["accept_by_source"]
+    assert set(by_source) <= {"heads", "lookup", "both", "none"}
+    assert sum(v["steps"] for v in by_source.values()) == result["verify_steps"]
+    assert abs(sum(v["share"] for v in by_source.values()) - 1.0) < 1e-9
+    mean = sum(v["steps"] * v["accept_length"] for v in by_source.values()) / result["verify_steps"]
+    assert abs(mean - result["accept_length"]) < 1e-9
