@@ -1,9 +1,11 @@
-"""Decode speed, batch 1: HF greedy vs HF prompt-lookup vs Medusa (default tree, searched tree).
+"""Decode speed, batch 1: HF greedy vs HF prompt-lookup vs Medusa (default tree, searched tree) vs our
+prompt lookup alone and merged with the heads' tree (hybrid).
 
 Every method runs on the same prompts in one process, interleaved prompt by prompt after a warm-up,
 so the ratios are measured side by side under the same load. Usage:
 
   python benchmarks/decode_speed.py --heads runs/demo/heads --tree tree.json --prompts mt-bench --limit 16
+  python benchmarks/decode_speed.py --heads runs/demo/heads --prompts copy-heavy --limit 0
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate
 from medusaforge.decoding.loading import hf_greedy, hf_prompt_lookup, load_for_decoding, stop_token_ids
 from medusaforge.decoding.tree import default_tree, load_tree
+from medusaforge.drafters.hybrid import accept_by_source
+from medusaforge.drafters.lookup import LookupProposer
 
 
 def main() -> None:
@@ -28,6 +32,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    parser.add_argument("--lookup-tokens", type=int, default=8, help="our lookup drafter's chain length (0: no lookup rows)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -45,8 +50,31 @@ def main() -> None:
         searched = load_tree(args.tree)
         methods[f"medusa searched tree ({len(searched)} nodes)"] = lambda ids, n: medusa_generate(base, heads, ids, n, eos, searched).tokens
 
+    hybrid_steps: dict[str, tuple[list[str], list[int]]] = {}
+    if args.lookup_tokens > 0:
+        lookup = LookupProposer(num_tokens=args.lookup_tokens)
+
+        def with_lookup(name, tree):
+            hybrid_steps[name] = ([], [])
+
+            def run(ids, n):
+                result = medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup)
+                hybrid_steps[name][0].extend(result.sources)
+                hybrid_steps[name][1].extend(result.accepted)
+                return result.tokens
+
+            return run
+
+        methods[f"lookup alone ({args.lookup_tokens})"] = with_lookup("lookup alone", [])
+        methods[f"hybrid: default tree + lookup ({args.lookup_tokens})"] = with_lookup("hybrid default", default)
+        if args.tree:
+            methods[f"hybrid: searched tree + lookup ({args.lookup_tokens})"] = with_lookup("hybrid searched", searched)
+
     for run in methods.values():  # warm-up
         run(encoded[0], 16)
+    for sources, accepted in hybrid_steps.values():  # count the timed runs only
+        sources.clear()
+        accepted.clear()
     seconds = dict.fromkeys(methods, 0.0)
     tokens = dict.fromkeys(methods, 0)
     identical = dict.fromkeys(methods, 0)
@@ -68,6 +96,9 @@ def main() -> None:
     for name in methods:
         tps = tokens[name] / seconds[name]
         print(f"| {name:<34} | {tokens[name]:>6} | {tps:>6.1f} | {tps / greedy_tps:>8.2f}x | {identical[name]:>2}/{len(encoded):<16} |")
+    for name, (sources, accepted) in hybrid_steps.items():  # who supplied each step's accepted path
+        by_source = accept_by_source(sources, accepted)
+        print(f"{name}: " + "  ".join(f"{s} {v['share']:.0%} of steps (accept {v['accept_length']:.2f})" for s, v in by_source.items()))
 
 
 if __name__ == "__main__":
