@@ -163,3 +163,49 @@ def test_loads_an_exported_folder(tmp_path):
     result = decode(base, proposer, [3, 4, 5], max_new_tokens=30)
     assert result.tokens == hf_greedy(base, torch.tensor([3, 4, 5]), 30, [])
     assert sum(result.accepted) >= 2 * len(result.accepted)
+
+
+def soft_cycle_base(kind: str) -> torch.nn.Module:
+    """The cycle base made random: after token u < 16 it samples u+1 (~0.69) or u+2 (~0.31) at
+    temperature 1; the other 254 tokens share ~0.2%."""
+    base = cycle_base(kind)
+    basis = base.model.embed_tokens.weight[:CYCLE].clone()
+    with torch.no_grad():
+        base.lm_head.weight.zero_()
+        base.lm_head.weight[(torch.arange(CYCLE) + 1) % CYCLE] = 2.0 * basis
+        base.lm_head.weight[(torch.arange(CYCLE) + 2) % CYCLE] += 1.85 * basis
+    return base
+
+
+def exact_three_token_probabilities(base, prompt: list[int], floor: float = 1e-3) -> dict[tuple, float]:
+    """p(x1) p(x2 | x1) p(x3 | x1, x2) from plain base forwards, for sequences above `floor`."""
+    with torch.inference_mode():
+        first = torch.softmax(base(torch.tensor([prompt])).logits[0, -1].float(), -1)
+        out = {}
+        for x1 in torch.nonzero(first > floor).flatten().tolist():
+            second = torch.softmax(base(torch.tensor([prompt + [x1]])).logits[0, -1].float(), -1)
+            for x2 in torch.nonzero(first[x1] * second > floor).flatten().tolist():
+                third = torch.softmax(base(torch.tensor([prompt + [x1, x2]])).logits[0, -1].float(), -1)
+                for x3 in torch.nonzero(first[x1] * second[x2] * third > floor).flatten().tolist():
+                    out[(x1, x2, x3)] = float(first[x1] * second[x2] * third[x3])
+    return out
+
+
+def test_speculative_sampling_is_lossless_through_the_decoder():
+    base = soft_cycle_base("llama")
+    proposer = Eagle3Proposer(cycle_draft(base, right=True), DynamicTree(topk=3, depth=3, num_nodes=12))
+    prompt, samples = [3, 4, 5], 1500
+    expected = exact_three_token_probabilities(base, prompt)
+    generator = torch.Generator().manual_seed(0)
+    counts: dict[tuple, int] = {}
+    accepted = 0
+    for _ in range(samples):
+        result = decode(base, proposer, prompt, max_new_tokens=3, temperature=1.0, speculative=True, generator=generator)
+        key = tuple(result.tokens)
+        counts[key] = counts.get(key, 0) + 1
+        accepted += sum(result.accepted)
+    assert accepted > samples // 2  # drafts were accepted, so the rejection rule itself was exercised
+    for key, p in expected.items():
+        if p > 0.02:
+            tolerance = 5 * (p * (1 - p) / samples) ** 0.5
+            assert abs(counts.get(key, 0) / samples - p) <= tolerance, (key, counts.get(key, 0) / samples, p)

@@ -70,11 +70,13 @@ def speculative_generate(
     typical_alpha: float = 0.3,
     generator: torch.Generator | None = None,
     adaptive: AdaptiveDrafting | None = None,
+    speculative: bool = False,
 ) -> DecodeResult:
     """Generate up to `max_new_tokens` after `input_ids` ([T] or [1, T]); proposer None: plain decoding.
 
     temperature 0 is greedy and lossless: the tokens equal `base.generate(do_sample=False)`'s, with
-    adaptive drafting or without. temperature > 0 uses typical acceptance.
+    adaptive drafting or without. temperature > 0 uses typical acceptance, or with `speculative`
+    speculative sampling (lossless in distribution).
     """
     eos = set(int(t) for t in eos_token_ids)
     device = lm_head_of(base).weight.device
@@ -82,7 +84,8 @@ def speculative_generate(
     if max_new_tokens <= 0:
         return DecodeResult(tokens=[])
     layers = tuple(proposer.feature_layers) if proposer is not None else ()
-    sampling = dict(temperature=temperature, typical_epsilon=typical_epsilon, typical_alpha=typical_alpha, generator=generator)
+    sampling = dict(temperature=temperature, typical_epsilon=typical_epsilon, typical_alpha=typical_alpha, generator=generator,
+                    speculative=speculative)
     cache = new_cache(base)
     verified = prefill(base, cache, prompt, layers, temperature, generator)
     if adaptive is not None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from medusaforge.decoding.acceptance import accepted_lengths, best_path, sample, typical_accepted_lengths, typical_best_path
+from medusaforge.decoding.speculative_sampling import target_distribution, tree_accept
 from medusaforge.decoding.tree import cached_tree_buffers, verify_attention_mask
 from medusaforge.drafters.proposer import DraftTree, Verified
 from medusaforge.models import lm_head_of
@@ -93,12 +94,15 @@ def verify_step(
     typical_epsilon: float = 0.09,
     typical_alpha: float = 0.3,
     generator: torch.Generator | None = None,
+    speculative: bool = False,
 ) -> Verified:
     """Verify `draft` (root = the last verified token, not yet in `cache`) after the cached prefix.
 
     temperature 0: greedy, lossless (the emitted tokens are the base's greedy tokens).
     temperature > 0: typical acceptance (threshold min(epsilon, alpha * exp(-entropy))) and a
-    sampled next token. -> Verified for the root and the accepted candidates.
+    sampled next token; with `speculative`, speculative sampling instead (lossless in
+    distribution; the draft's nodes count as deterministic choices, speculative_sampling.py).
+    -> Verified for the root and the accepted candidates.
     """
     tokens = draft.tokens
     buffers = cached_tree_buffers(draft.parents, tokens.device)
@@ -116,13 +120,17 @@ def verify_step(
     if temperature <= 0:
         choice = logits.argmax(dim=-1)  # [N] the base's own next token after each node
         path, accepted = best_path(accepted_lengths(path_tokens, choice[retrieve]))
-    else:
+    elif not speculative:
         path_logits = logits[retrieve]  # [L, D + 1, V]
         lengths = typical_accepted_lengths(path_tokens, path_logits, temperature, typical_epsilon, typical_alpha)
         path, accepted = typical_best_path(lengths, path_tokens, path_logits, temperature)
-    nodes = buffers.retrieve_indices[path, : accepted + 1]  # root first, increasing
-    last = nodes[-1]
-    next_token = choice[last] if temperature <= 0 else sample(logits[last], temperature, generator)
+    if temperature > 0 and speculative:
+        path_nodes, next_token = tree_accept(tokens, torch.tensor(draft.parents), target_distribution(logits, temperature), None, generator)
+        nodes = torch.tensor(path_nodes, device=tokens.device)
+    else:
+        nodes = buffers.retrieve_indices[path, : accepted + 1]  # root first, increasing
+        last = nodes[-1]
+        next_token = choice[last] if temperature <= 0 else sample(logits[last], temperature, generator)
     keep_cache_entries(cache, prefix_length, nodes)
     return Verified(
         start=prefix_length,
