@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from medusaforge.files import staging_directory
@@ -225,3 +226,70 @@ def base_fingerprint(base: nn.Module) -> str:
         sample = tensor.detach().flatten()[:: max(1, tensor.numel() // 4096)].to(torch.bfloat16).float().cpu()
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# ---- reading a model folder without loading the model (offline training, cache identity) ----
+
+
+def local_model_folder(model: str | os.PathLike) -> Path:
+    """The folder holding the model's files: built-in name -> converted folder; hub id -> the local
+    hub snapshot (never downloaded here)."""
+    path = Path(resolve_model_path(model))
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except Exception as error:
+        raise FileNotFoundError(f"model {model!r}: no local folder with its weights ({error})") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (offline training reads lm_head from them)")
+    return files
+
+
+def weights_fingerprint(model: str | os.PathLike) -> str:
+    """A short hash of the model folder's config.json and safetensors files, read without loading
+    the model: each file's header (names, shapes, dtypes) and 64 evenly spaced 4 KiB blocks.
+    Any fine-tune changes nearly every byte, so it is caught; the read is about 1 MB."""
+    folder = local_model_folder(model)
+    digest = hashlib.sha256()
+    config = folder / "config.json"
+    if config.is_file():
+        digest.update(config.read_bytes())
+    for path in _weight_files(folder):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            digest.update(handle.read(header_length))
+            for block in range(64):
+                handle.seek(size * block // 64)
+                digest.update(handle.read(4096))
+    return digest.hexdigest()[:16]
+
+
+def read_lm_head_weight(model: str | os.PathLike) -> torch.Tensor:
+    """[vocab, hidden] fp32 lm_head weight, read straight from the folder's safetensors files
+    (memory-mapped: nothing else of the model is loaded). Tied models store no lm_head.weight;
+    their input embedding is the projection."""
+    folder = local_model_folder(model)
+    names = {}
+    for path in _weight_files(folder):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                names[name] = path
+    candidates = ["lm_head.weight"] + sorted(n for n in names if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")))
+    for name in candidates:
+        if name in names:
+            if name != "lm_head.weight":
+                config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+                if config.get("tie_word_embeddings") is False:
+                    raise ValueError(f"{folder}: no lm_head.weight and the config says the embeddings are not tied")
+            with safe_open(str(names[name]), framework="pt") as handle:
+                return handle.get_tensor(name).float()
+    raise ValueError(f"{folder}: found neither lm_head.weight nor a tied input embedding in the safetensors files")

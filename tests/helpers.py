@@ -95,3 +95,13 @@ def learnable_data(path, num_conversations=48, seed=0, reply_words=18):
         reply = " ".join(words[(start + i) % len(words)] for i in range(reply_words))
         records.append(sharegpt(("human", f"Hello {rng.randrange(100)}"), ("gpt", reply)))
     return write_jsonl(path, records)
+
+
+def small_data(path, num_conversations=16):
+    """Short conversations of uneven length (6-10 reply words), for runs of a few steps."""
+    words = "the quick brown fox jumps over the lazy dog and then".split()
+    records = []
+    for i in range(num_conversations):
+        reply = " ".join(words[(i + j) % len(words)] for j in range(6 + i % 5))  # uneven lengths
+        records.append(sharegpt(("human", f"Hello {i}"), ("gpt", reply)))
+    return write_jsonl(path, records)

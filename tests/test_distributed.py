@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import save_tiny_model, sharegpt, write_jsonl
+from helpers import save_tiny_model, small_data
 from safetensors.torch import load_file
 
 from medusaforge.cli import main
@@ -24,15 +24,6 @@ def test_rank_slices_cover_the_global_batch_once():
     # A one-example batch leaves rank 1 nothing: it runs a placeholder whose loss mask is cleared.
     assert placeholder_slice([5], 1, 2) == ([5], True)
     assert placeholder_slice([5], 0, 2) == ([5], False)
-
-
-def small_data(path, num_conversations=16):
-    words = "the quick brown fox jumps over the lazy dog and then".split()
-    records = []
-    for i in range(num_conversations):
-        reply = " ".join(words[(i + j) % len(words)] for j in range(6 + i % 5))  # uneven lengths
-        records.append(sharegpt(("human", f"Hello {i}"), ("gpt", reply)))
-    return write_jsonl(path, records)
 
 
 def train_args(model_dir, data, out):

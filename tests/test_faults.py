@@ -16,7 +16,8 @@ import torch
 from helpers import CHATML_TEMPLATE, save_tiny_model, sharegpt, tiny_llama, tiny_tokenizer, write_jsonl
 
 import medusaforge.training.checkpoint
-import medusaforge.commands.train
+import medusaforge.training.medusa1
+import medusaforge.training.medusa2
 from medusaforge.training.checkpoint import list_checkpoints, load_checkpoint
 from medusaforge.cli import main
 from medusaforge.drafters.medusa_heads import MedusaHeads
@@ -295,9 +296,10 @@ def test_a_damaged_hidden_state_cache_is_refused_naming_the_file(world, tmp_path
 
 # ---- faults during training ------------------------------------------------------------------
 
-def nan_on_call(monkeypatch, bad_calls):
+def nan_on_call(monkeypatch, bad_calls, recipe=None):
     """Make the head loss NaN on the given (1-based) calls, i.e. micro-batches."""
-    real = medusaforge.commands.train.medusa_head_losses
+    recipe = recipe or medusaforge.training.medusa1
+    real = recipe.medusa_head_losses
     calls = {"n": 0}
 
     def faulty(*args, **kwargs):
@@ -307,7 +309,7 @@ def nan_on_call(monkeypatch, bad_calls):
             result.loss_sums = [s * float("nan") for s in result.loss_sums]
         return result
 
-    monkeypatch.setattr(medusaforge.commands.train, "medusa_head_losses", faulty)
+    monkeypatch.setattr(recipe, "medusa_head_losses", faulty)
 
 
 def assert_checkpoints_finite(out):
@@ -327,18 +329,26 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_checkpoints(world, tmp_path, cap
     assert not (out / "summary.json").exists()
 
 
-def test_skip_nonfinite_skips_and_counts_the_bad_steps(world, tmp_path, capsys, monkeypatch):
+MEDUSA2_ARGS = ["--mode", "medusa2", "--lora-rank", "2", "--lora-target-modules", "q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("mode", ["medusa1", "medusa2"])
+def test_skip_nonfinite_skips_and_counts_the_bad_steps(mode, world, tmp_path, capsys, monkeypatch):
+    # Medusa-2 used to ignore --skip-nonfinite, --save-every and --keep-last silently.
     monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
-    nan_on_call(monkeypatch, {2, 4})
+    nan_on_call(monkeypatch, {2, 4}, getattr(medusaforge.training, mode))
     out = tmp_path / "out"
-    argv = base_args(world, world["data"], out, max_steps=5) + ["--save-every", "1", "--keep-last", "5", "--skip-nonfinite"]
+    argv = base_args(world, world["data"], out, max_steps=5) + ["--save-every", "1", "--keep-last", "4", "--skip-nonfinite"]
+    argv += MEDUSA2_ARGS if mode == "medusa2" else []
     code, err = run_cli(argv, capsys)
-    TABLE.append(("NaN loss at steps 2, 4 with --skip-nonfinite", code, err.strip().splitlines()[-3]))
+    TABLE.append((f"{mode}: NaN loss at steps 2, 4 with --skip-nonfinite", code, err.strip().splitlines()[-3]))
     assert code == 0, err
     assert "2 of 5 steps were skipped" in err
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["skipped"] for m in metrics] == [False, True, False, True, False]
     assert json.loads((out / "summary.json").read_text())["nonfinite_steps_skipped"] == 2
+    assert [c.name for c in list_checkpoints(out / "checkpoints")] == [f"step-00000{s}" for s in (2, 3, 4, 5)]  # --keep-last 4
+    assert (out / "checkpoints" / "step-000005" / "base.safetensors").is_file() == (mode == "medusa2")
     assert_checkpoints_finite(out)
 
 

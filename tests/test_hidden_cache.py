@@ -5,13 +5,14 @@ import shutil
 
 import pytest
 import torch
-from helpers import save_tiny_model, tiny_llama, tiny_tokenizer
-from test_train import learnable_data
+from helpers import learnable_data, save_tiny_model, tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 import medusaforge.commands.cache as hidden_cache
 from medusaforge.cli import main
-from medusaforge.commands.cache import HiddenCache, read_lm_head_weight, shard_plan
+from medusaforge.commands.cache import shard_plan
+from medusaforge.models import read_lm_head_weight
+from medusaforge.training.hidden_cache import HiddenCache
 from medusaforge.models import final_hidden_states
 
 

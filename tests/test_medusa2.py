@@ -13,10 +13,11 @@ from torch.nn import functional as F
 from medusaforge.cli import main
 from medusaforge.config import parse_config
 from medusaforge.drafters.medusa_heads import load_heads
-from medusaforge.training.medusa2 import base_loss_sum, make_lora_student, make_teacher
+from medusaforge.training.medusa2_base import base_loss_sum, make_lora_student, make_teacher
 from medusaforge.training.medusa2_loss import heads_weight_at, linear_kl_divergence
 from medusaforge.models import base_fingerprint, final_hidden_states
-from medusaforge.commands.train import TrainConfig
+from medusaforge.training.medusa1 import Medusa1Config
+from medusaforge.training.medusa2 import Medusa2Config
 
 LORA_TARGETS = ["q_proj", "v_proj", "gate_proj"]
 
@@ -217,16 +218,25 @@ def test_full_fine_tuning_saves_the_base_and_matching_heads(tmp_path, tiny_model
     assert json.loads((out / "summary.json").read_text())["base_loss"] == base_loss
 
 
-def test_medusa2_options_are_validated(tmp_path):
-    assert parse_config(TrainConfig, ["--data", "x.jsonl"]).mode == "medusa1"
-    with pytest.raises(ValueError, match="resume"):
-        parse_config(TrainConfig, ["--data", "x.jsonl", "--mode", "medusa2", "--resume", "auto"])
-    with pytest.raises(ValueError, match="lm_head"):
-        parse_config(TrainConfig, ["--data", "x.jsonl", "--mode", "medusa2", "--lora-target-modules", "q_proj", "lm_head"])
+def test_each_recipe_has_its_own_options(tmp_path):
+    from medusaforge.cli import parse_command
+
+    _, medusa1, _ = parse_command(["train", "--data", "x.jsonl"])
+    _, medusa2, _ = parse_command(["train", "--method", "medusa2", "--data", "x.jsonl", "--resume", "auto"])
+    assert type(medusa1) is Medusa1Config and not hasattr(medusa1, "lora_rank")
+    assert type(medusa2) is Medusa2Config and medusa2.resume == "auto" and not hasattr(medusa2, "cache")
+    # Options of the other recipe are refused, not silently ignored.
+    with pytest.raises(SystemExit):
+        parse_command(["train", "--data", "x.jsonl", "--lora-rank", "4"])
     path = tmp_path / "m2.yaml"
+    path.write_text("mode: medusa2\ndata: x.jsonl\ncache: runs/cache\n")
+    with pytest.raises(ValueError, match=f"{path}: unknown option 'cache' for Medusa2Config"):
+        parse_command(["train", "--config", str(path)])
+    with pytest.raises(ValueError, match="lm_head"):
+        parse_config(Medusa2Config, ["--data", "x.jsonl", "--lora-target-modules", "q_proj", "lm_head"])
     path.write_text("mode: medusa2\nbase_train: partial\ndata: x.jsonl\n")
     with pytest.raises(ValueError, match=f"{path}: option .base_train.: .partial. is not one of"):
-        parse_config(TrainConfig, ["--config", str(path)])
+        parse_command(["train", "--config", str(path)])
 
 
 def test_stage_two_from_truncated_vocabulary_heads_keeps_their_token_map(tmp_path, tiny_model_dir, monkeypatch):

@@ -9,7 +9,7 @@ from helpers import learnable_data, save_tiny_model
 from medusaforge.cli import main
 from medusaforge.config import parse_config
 from medusaforge.drafters.medusa_heads import load_heads
-from medusaforge.commands.train import TrainConfig
+from medusaforge.training.medusa1 import Medusa1Config
 from medusaforge.training.common import batch_schedule, cosine_with_warmup, split_examples
 
 
@@ -51,11 +51,11 @@ def test_loss_goes_down_and_head0_accuracy_goes_up(tmp_path, tiny_model_dir, mon
 def test_yaml_config_and_flags_map_onto_the_dataclass(tmp_path):
     path = tmp_path / "train.yaml"
     path.write_text("num-heads: 5\nlr: 0.01\nhead_weights: [1, 0.5, 0.25, 0.1, 0.1]\ndata: x.jsonl\n")
-    config = parse_config(TrainConfig, ["--config", str(path), "--lr", "0.02"])
+    config = parse_config(Medusa1Config, ["--config", str(path), "--lr", "0.02"])
     assert config.num_heads == 5 and config.lr == 0.02 and config.head_weights == [1, 0.5, 0.25, 0.1, 0.1]
     path.write_text("num_heds: 5\n")
     with pytest.raises(ValueError, match="unknown option 'num_heds'"):
-        parse_config(TrainConfig, ["--config", str(path)])
+        parse_config(Medusa1Config, ["--config", str(path)])
 
 
 def test_cosine_schedule_hand_worked():

@@ -18,10 +18,8 @@ that was never interrupted (shard boundaries depend only on the data and the opt
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -30,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from medusaforge.config import dtype_option, option
+from medusaforge.files import atomic_write_text, commit_file, refuse_non_empty, temporary_path_beside
 from medusaforge.data.conversations import TokenizedData, collate, load_tokenized, tokenizer_fingerprint
+from medusaforge.training.hidden_cache import FORMAT_NAME, FORMAT_VERSION, INDEX_FILE
 from medusaforge.models import (
     DEFAULT_MODEL,
     base_fingerprint,
@@ -45,12 +44,9 @@ from medusaforge.models import (
     model_name,
     resolve_device,
     resolve_dtype,
-    resolve_model_path,
+    weights_fingerprint,
 )
 
-INDEX_FILE = "index.json"
-FORMAT_NAME = "medusaforge-hidden-cache"
-FORMAT_VERSION = 1
 CACHE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # a subset of TORCH_DTYPES
 
 
@@ -81,70 +77,6 @@ class CacheConfig:
 # ---- which model made the cache ---------------------------------------------------------------
 
 
-def local_model_folder(model: str | os.PathLike) -> Path:
-    """The folder holding the model's files: built-in name -> converted folder; hub id -> the local
-    hub snapshot (never downloaded here)."""
-    path = Path(resolve_model_path(model))
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(model), local_files_only=True))
-    except Exception as error:
-        raise FileNotFoundError(f"model {model!r}: no local folder with its weights ({error})") from None
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (offline training reads lm_head from them)")
-    return files
-
-
-def weights_fingerprint(model: str | os.PathLike) -> str:
-    """A short hash of the model folder's config.json and safetensors files, read without loading
-    the model: each file's header (names, shapes, dtypes) and 64 evenly spaced 4 KiB blocks.
-    Any fine-tune changes nearly every byte, so it is caught; the read is about 1 MB."""
-    folder = local_model_folder(model)
-    digest = hashlib.sha256()
-    config = folder / "config.json"
-    if config.is_file():
-        digest.update(config.read_bytes())
-    for path in _weight_files(folder):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            digest.update(handle.read(header_length))
-            for block in range(64):
-                handle.seek(size * block // 64)
-                digest.update(handle.read(4096))
-    return digest.hexdigest()[:16]
-
-
-def read_lm_head_weight(model: str | os.PathLike) -> torch.Tensor:
-    """[vocab, hidden] fp32 lm_head weight, read straight from the folder's safetensors files
-    (memory-mapped: nothing else of the model is loaded). Tied models store no lm_head.weight;
-    their input embedding is the projection."""
-    folder = local_model_folder(model)
-    names = {}
-    for path in _weight_files(folder):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                names[name] = path
-    candidates = ["lm_head.weight"] + sorted(n for n in names if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight")))
-    for name in candidates:
-        if name in names:
-            if name != "lm_head.weight":
-                config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-                if config.get("tie_word_embeddings") is False:
-                    raise ValueError(f"{folder}: no lm_head.weight and the config says the embeddings are not tied")
-            with safe_open(str(names[name]), framework="pt") as handle:
-                return handle.get_tensor(name).float()
-    raise ValueError(f"{folder}: found neither lm_head.weight nor a tied input embedding in the safetensors files")
-
-
 def cache_identity(config: CacheConfig, base, tokenizer, hidden_size: int, vocab_size: int) -> dict:
     """Everything that decides the cache's bytes; a resume or a training run must match it."""
     return {
@@ -169,21 +101,14 @@ def cache_identity(config: CacheConfig, base, tokenizer, hidden_size: int, vocab
 
 def write_index(directory: Path, index: dict) -> None:
     """Replace index.json atomically (temporary file, fsync, rename)."""
-    staging = directory / f".{INDEX_FILE}.tmp-{os.getpid()}"
-    with open(staging, "w") as handle:
-        handle.write(json.dumps(index, indent=1) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, directory / INDEX_FILE)
+    atomic_write_text(directory / INDEX_FILE, json.dumps(index, indent=1) + "\n")
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write a shard under a temporary name and rename it: a reader never sees half a shard."""
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging = temporary_path_beside(path)
     save_file(tensors, str(staging))
-    with open(staging, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
+    commit_file(staging, path)
 
 
 def shard_plan(lengths: list[int], batch_size: int, shard_tokens: int) -> list[tuple[int, int]]:
@@ -246,8 +171,8 @@ def run(config: CacheConfig) -> dict:
             raise FileExistsError(f"{out}: holds a cache made from other inputs (differs in {changed}); pass --overwrite to replace it")
         else:
             shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise FileExistsError(f"{out} is not empty and holds no cache index; pass --overwrite to write into it")
+    else:
+        refuse_non_empty(out, config.overwrite, hint="it holds no cache index; pass --overwrite to write into it")
     out.mkdir(parents=True, exist_ok=True)
     if index["shards"]:
         print(f"cache: resuming after {len(index['shards'])} of {len(plan)} complete shards", file=sys.stderr)
@@ -273,68 +198,3 @@ def run(config: CacheConfig) -> dict:
     print(f"cache: {len(data)} conversations, {num_tokens} tokens, {size / 2**20:.1f} MiB "
           f"({summary['bytes_per_token']:.1f} bytes/token; hidden states {summary['hidden_bytes_per_token']}) in {out}")
     return summary
-
-
-# ---- reading ----------------------------------------------------------------------------------
-
-
-class HiddenCache:
-    """A complete cache, opened by memory map: ids and masks are read up front (5 bytes/token),
-    hidden states only per example, when asked for."""
-
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.directory = Path(directory)
-        path = self.directory / INDEX_FILE
-        try:
-            index = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no hidden-state cache here; make one with `medusaforge cache`") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: corrupt cache index ({error})") from None
-        if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: not a medusaforge hidden-state cache (version {FORMAT_VERSION})")
-        if not index.get("complete"):
-            raise ValueError(f"{self.directory}: the cache is incomplete ({len(index['shards'])} of {index['num_shards']} shards); "
-                             "run the same `medusaforge cache` command again to finish it")
-        self.identity = index["identity"]
-        self.shards = index["shards"]
-        self.first_examples = [shard["first_example"] for shard in self.shards]
-        self.handles = []
-        ids, masks, lengths = [], [], []
-        for shard in self.shards:
-            shard_path = self.directory / shard["file"]
-            try:
-                handle = safe_open(str(shard_path), framework="pt")
-                ids.append(handle.get_tensor("input_ids").long())
-                masks.append(handle.get_tensor("loss_mask").bool())
-                lengths.append(handle.get_tensor("lengths"))
-            except FileNotFoundError:
-                raise FileNotFoundError(f"{shard_path}: missing shard of the hidden-state cache") from None
-            except Exception as error:  # SafetensorError and friends: a damaged shard is never trusted
-                raise ValueError(f"{shard_path}: corrupt or truncated cache shard ({error}); "
-                                 "delete the folder and run `medusaforge cache` again") from None
-            self.handles.append(handle)
-        # The token data in the same form as the online path's, so splits and batches are shared.
-        self.data = TokenizedData(torch.cat(ids), torch.cat(masks), torch.cat(lengths), index.get("num_invalid", 0))
-        self.shard_starts = [torch.cumsum(lengths_of, 0) - lengths_of for lengths_of in lengths]
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def hidden(self, example_index: int) -> torch.Tensor:
-        """[T, hidden] stored hidden states of one example (read from the memory-mapped shard)."""
-        shard = bisect.bisect_right(self.first_examples, example_index) - 1
-        local = example_index - self.first_examples[shard]
-        start = int(self.shard_starts[shard][local])
-        length = int(self.data.lengths[example_index])
-        return self.handles[shard].get_slice("hidden")[start : start + length]
-
-    def check_model(self, model: str | os.PathLike) -> None:
-        """Refuse a base model other than the one that made the cache."""
-        recorded = self.identity["weights_fingerprint"]
-        actual = weights_fingerprint(model)
-        if actual != recorded:
-            raise ValueError(
-                f"{self.directory}: the cache was made from model {self.identity['model']!r} (weights fingerprint {recorded}); "
-                f"--model {model} has fingerprint {actual}. Pass the model that made the cache, or rebuild the cache."
-            )

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from medusaforge.config import dtype_option, option
+from medusaforge.files import atomic_file
 from medusaforge.data.conversations import read_conversations
 from medusaforge.data.instructions import instruction_prompts
 from medusaforge.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
@@ -172,10 +173,9 @@ def run(config: DistillConfig) -> Path:
     replies = generate_replies(base, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.temperature, config.progress)
     elapsed = time.perf_counter() - started
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.tmp")
     num_written = num_finished = reply_tokens = 0
-    with open(staging, "w") as handle:
+    # Atomic: a crash never leaves a half-written data file under the real name.
+    with atomic_file(out) as handle:
         for prompt, (reply, finished) in zip(prompts, replies):
             if not reply:
                 continue
@@ -185,7 +185,6 @@ def run(config: DistillConfig) -> Path:
             num_written += 1
             num_finished += finished
             reply_tokens += len(tokenizer(reply, add_special_tokens=False)["input_ids"])
-    staging.replace(out)  # atomic: a crash never leaves a half-written data file under the real name
     print(
         f"distill: wrote {num_written} conversations ({reply_tokens} reply tokens, {num_finished} ended at end-of-turn) "
         f"to {out} in {elapsed:.0f}s ({reply_tokens / max(elapsed, 1e-9):.0f} tok/s)"

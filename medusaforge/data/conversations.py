@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from medusaforge.files import atomic_write_text, commit_file, temporary_path_beside
 
 ROLE_NAMES = {
     "system": "system",
@@ -253,14 +254,14 @@ def load_tokenized(
     data = TokenizedData(torch.cat(all_ids), torch.cat(all_masks), torch.tensor(lengths), len(errors))
     for error in errors[:5]:
         log(f"skipped: {error}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    staging = tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".tmp", delete=False).name
+    staging = temporary_path_beside(cache_file)
     save_file(
         {"input_ids": data.input_ids, "loss_mask": data.loss_mask.to(torch.uint8), "lengths": data.lengths},
-        staging,
+        str(staging),
     )
-    cache_file.with_suffix(".json").write_text(json.dumps({"source": str(path), "num_invalid": len(errors)}))
-    os.replace(staging, cache_file)
+    # The .json first: a cache file that exists always has its side file.
+    atomic_write_text(cache_file.with_suffix(".json"), json.dumps({"source": str(path), "num_invalid": len(errors)}))
+    commit_file(staging, cache_file)
     return data
 
 

@@ -3,6 +3,8 @@
 Layout of `OUT/checkpoints/step-000120/`:
   heads/                      heads.safetensors + config.json (loadable on its own)
   optimizer.safetensors       every tensor of optimizer.state_dict()["state"]
+  base.safetensors            Medusa-2 only: the base's trainable weights (LoRA adapters, or all
+                              of them with --base-train full), by parameter name
   training_state.json         step, scheduler state, param_groups, RNG states (one per rank),
                               and `extra` (data position, schedule, skipped-step count)
 
@@ -15,21 +17,22 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from medusaforge.drafters.medusa_heads import load_heads, replace_directory
+from medusaforge.drafters.medusa_heads import load_heads
+from medusaforge.files import atomic_write_text, staging_directory
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 COMPLETE_MARKER = "COMPLETE"
+OPTIMIZER_FILE = "optimizer.safetensors"
+BASE_FILE = "base.safetensors"  # Medusa-2 only: the base model's trainable weights, by parameter name
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -81,46 +84,63 @@ def save_checkpoint(
     step: int,
     extra: dict | None = None,
     rng_per_rank: list[dict] | None = None,
+    base_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically. `rng_per_rank` holds every rank's `rng_state()`
-    (gathered by the caller under torchrun); by default, this process's."""
+    (gathered by the caller under torchrun); by default, this process's. `base_tensors` are the
+    base model's trainable weights by parameter name (Medusa-2: LoRA adapters, or the whole base)."""
     directory = Path(directory)
-    bad = non_finite_parameters(heads)
+    bad = non_finite_parameters(heads) + [name for name, t in (base_tensors or {}).items() if not bool(torch.isfinite(t).all())]
     if bad:
-        raise RuntimeError(f"{directory}: not saved, the heads hold NaN/inf values ({', '.join(bad[:3])})")
+        raise RuntimeError(f"{directory}: not saved, the trained weights hold NaN/inf values ({', '.join(bad[:3])})")
     rng_per_rank = rng_per_rank or [rng_state()]
     try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        with staging_directory(directory) as staging:
+            heads.save(staging / "heads")
+            tensors, optimizer_meta = _optimizer_tensors(optimizer)
+            save_file(tensors, str(staging / OPTIMIZER_FILE))
+            if base_tensors is not None:
+                save_file({n: t.detach().contiguous().cpu() for n, t in base_tensors.items()}, str(staging / BASE_FILE))
+            state = {
+                "step": step,
+                "optimizer": optimizer_meta,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rng_per_rank[0],
+                "rng_per_rank": rng_per_rank,
+                "extra": extra or {},
+            }
+            (staging / "training_state.json").write_text(json.dumps(state, indent=1, default=str))
+            (staging / COMPLETE_MARKER).write_text(str(step))  # last: its presence means every file is there
     except OSError as error:
         raise OSError(f"{directory}: could not write checkpoint ({error}); the previous checkpoint is untouched") from error
-    try:
-        heads.save(staging / "heads")
-        tensors, optimizer_meta = _optimizer_tensors(optimizer)
-        save_file(tensors, str(staging / "optimizer.safetensors"))
-        state = {
-            "step": step,
-            "optimizer": optimizer_meta,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": rng_per_rank[0],
-            "rng_per_rank": rng_per_rank,
-            "extra": extra or {},
-        }
-        (staging / "training_state.json").write_text(json.dumps(state, indent=1, default=str))
-        (staging / COMPLETE_MARKER).write_text(str(step))
-        replace_directory(staging, directory)
-    except OSError as error:
-        raise OSError(f"{directory}: could not write checkpoint ({error}); the previous checkpoint is untouched") from error
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
-def load_checkpoint(directory: Path, optimizer=None, scheduler=None, base=None, restore_rng: bool = True, rank: int = 0):
-    """Load (heads, state dict) from a checkpoint folder, restoring optimizer/scheduler/RNG in place.
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing from the checkpoint") from None
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path}: corrupt or truncated ({error})") from None
+
+
+def _check_base_tensors(path: Path, tensors: dict[str, torch.Tensor], parameters: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = sorted(set(parameters) - set(tensors)), sorted(set(tensors) - set(parameters))
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit this run's trainable base weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in tensors.items():
+        if tensor.shape != parameters[name].shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, this run's is {tuple(parameters[name].shape)}")
+
+
+def load_checkpoint(directory: Path, optimizer=None, scheduler=None, base=None, restore_rng: bool = True, rank: int = 0,
+                    trainable_base: torch.nn.Module | None = None):
+    """Load (heads, state dict) from a checkpoint folder, restoring optimizer/scheduler/RNG in place,
+    and with `trainable_base`, that module's trainable parameters (Medusa-2) from base.safetensors.
 
     Every file is checked before anything is restored, so a refused checkpoint leaves the
-    optimizer and scheduler as they were. Errors name the file.
+    optimizer, scheduler and base as they were. Errors name the file.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -135,12 +155,14 @@ def load_checkpoint(directory: Path, optimizer=None, scheduler=None, base=None, 
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("optimizer"), dict):
         raise ValueError(f"{state_path}: not a medusaforge training state (needs 'step' and 'optimizer')")
     heads = load_heads(directory / "heads", base=base)
+    base_tensors = base_parameters = None
+    if trainable_base is not None:
+        base_parameters = {n: p for n, p in trainable_base.named_parameters() if p.requires_grad}
+        base_tensors = _read_tensors(directory / BASE_FILE)
+        _check_base_tensors(directory / BASE_FILE, base_tensors, base_parameters)
     if optimizer is not None:
-        path = directory / "optimizer.safetensors"
-        try:
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path}: corrupt or truncated ({error})") from None
+        path = directory / OPTIMIZER_FILE
+        tensors = _read_tensors(path)
         per_param: dict[int, dict] = {}
         for key, value in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
             param_id, name = key.split(".", 1)
@@ -149,6 +171,10 @@ def load_checkpoint(directory: Path, optimizer=None, scheduler=None, base=None, 
             optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
         except (KeyError, ValueError) as error:
             raise ValueError(f"{path}: optimizer state does not fit this run's heads ({error})") from None
+    if base_tensors is not None:
+        with torch.no_grad():
+            for name, parameter in base_parameters.items():
+                parameter.copy_(base_tensors[name])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
@@ -202,11 +228,3 @@ def truncate_metrics(path: Path, last_step: int) -> int:
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file so readers see either the old or the new contents, never a mix."""
-    path = Path(path)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False)
-    with handle:
-        handle.write(text)
-    os.replace(handle.name, path)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
-from medusaforge.training.sources import OnlineBatches
 from medusaforge.training.checkpoint import checkpoint_name, list_checkpoints, prune_checkpoints, rng_state, save_checkpoint
-from medusaforge.data.conversations import TokenizedData
 from medusaforge.training.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier, placeholder_slice
 from medusaforge.training.loss import medusa_head_losses
+from medusaforge.files import refuse_non_empty
 from medusaforge.models import resolve_dtype
 
 
@@ -61,15 +60,7 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ra
 
 
 def refuse_to_overwrite(out: Path, overwrite: bool, resume: str | None) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise FileExistsError(f"{out} is not empty; pass --overwrite to write into it or --resume to continue")
-
-
-def prepare_output_dir(out: Path, overwrite: bool, resume: str | None) -> None:
-    refuse_to_overwrite(out, overwrite, resume)
-    out.mkdir(parents=True, exist_ok=True)
+    refuse_non_empty(out, bool(overwrite or resume), hint="pass --overwrite to write into it or --resume to continue")
 
 
 def find_resume_checkpoint(out: Path, resume: str) -> list[Path]:
@@ -91,21 +82,22 @@ def schedule_fingerprint(config, num_train: int, total_steps: int) -> dict:
     }
 
 
-def write_checkpoint(out: Path, step: int, heads, optimizer, scheduler, extra: dict, keep_last: int, context: DistributedContext) -> None:
+def write_checkpoint(out: Path, step: int, heads, optimizer, scheduler, extra: dict, keep_last: int, context: DistributedContext,
+                     base_tensors: dict | None = None) -> None:
     """Every rank hands in its RNG state; rank 0 writes the folder and prunes old ones."""
     rng_per_rank = all_gather_objects(rng_state(), context)
     if context.is_main:
-        save_checkpoint(out / "checkpoints" / checkpoint_name(step), heads, optimizer, scheduler, step, extra, rng_per_rank)
+        save_checkpoint(out / "checkpoints" / checkpoint_name(step), heads, optimizer, scheduler, step, extra, rng_per_rank, base_tensors)
         prune_checkpoints(out / "checkpoints", keep_last)
     barrier(context)
 
 
 @torch.no_grad()
-def evaluate_heads(heads, base, data: TokenizedData, indices: list[int], batch_size: int, pad_token_id: int, device, autocast, chunk_size: int, context: DistributedContext | None = None, source=None) -> dict:
-    """Held-out per-head loss and top-1/top-5 accuracy over target (assistant) tokens.
-    Under torchrun each rank evaluates its slice of every batch and the sums are all-reduced."""
+def evaluate_heads(heads, source, indices: list[int], batch_size: int, device, autocast, chunk_size: int, context: DistributedContext | None = None) -> dict:
+    """Held-out per-head loss and top-1/top-5 accuracy over target (assistant) tokens, with hidden
+    states from `source` (sources.py: the base online, or a cache). Under torchrun each rank
+    evaluates its slice of every batch and the sums are all-reduced."""
     context = context or DistributedContext(device=torch.device(device))
-    source = source or OnlineBatches(base, data, pad_token_id)  # where hidden states come from (batches.py)
     num_heads = heads.num_heads
     loss_total = torch.zeros(num_heads)
     top1 = torch.zeros(num_heads)

@@ -9,11 +9,22 @@ touches the base model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from medusaforge.data.conversations import TokenizedData, collate
-from medusaforge.commands.cache import HiddenCache
-from medusaforge.models import final_hidden_states
+from medusaforge.data.conversations import TokenizedData, collate, load_tokenized
+from medusaforge.models import (
+    base_fingerprint,
+    final_hidden_states,
+    lm_head_of,
+    load_base_model,
+    load_tokenizer,
+    model_name,
+    read_lm_head_weight,
+)
+from medusaforge.training.distributed import DistributedContext, main_process_first
+from medusaforge.training.hidden_cache import HiddenCache
 
 
 class OnlineBatches:
@@ -50,3 +61,36 @@ class OfflineBatches:
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # Stored in bf16/fp16; fp32 here so an fp32 run's heads accept it (autocast still runs bf16).
         return batch["hidden"].float()
+
+
+@dataclass
+class SourceSetup:
+    """What a recipe needs from where its hidden states come from."""
+
+    source: OnlineBatches | OfflineBatches
+    data: TokenizedData
+    base: torch.nn.Module | None  # None offline: the base is never loaded
+    lm_head_weight: torch.Tensor  # [vocab, hidden]
+    base_name: str
+    base_fingerprint: str
+    pad_token_id: int
+
+
+def open_source(config, context: DistributedContext, log) -> SourceSetup:
+    """The frozen base and tokenized --data (online), or the --cache folder (offline: of the base,
+    only lm_head is read, and the cache must have been made by --model)."""
+    device = context.device
+    if getattr(config, "cache", None) is None:
+        # Rank 0 first: it converts a built-in model and tokenizes into the shared cache; the others reuse both.
+        with main_process_first(context):
+            tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+            base = load_base_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
+            base.requires_grad_(False)
+            data = load_tokenized(config.data, tokenizer, config.max_length, skip_invalid=config.skip_invalid, log=log)
+        return SourceSetup(OnlineBatches(base, data, tokenizer.pad_token_id), data, base, lm_head_of(base).weight,
+                           model_name(base), base_fingerprint(base), tokenizer.pad_token_id)
+    cache = HiddenCache(config.cache)
+    cache.check_model(config.model)
+    log(f"offline: hidden states from {config.cache} (max_length {cache.identity['max_length']}); the base model is not run")
+    return SourceSetup(OfflineBatches(cache), cache.data, None, read_lm_head_weight(config.model).to(device),
+                       cache.identity["model"], cache.identity["base_fingerprint"], 0)
