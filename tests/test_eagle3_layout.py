@@ -289,3 +289,13 @@ def test_card_says_how_to_serve(tmp_path):
     card = eagle3_card(config, "runs/eagle3-export", "HuggingFaceTB/SmolLM2-135M-Instruct", {"accept_length": 2.5, "identical": True})
     assert '"method": "eagle3"' in card and "--speculative-algorithm EAGLE3" in card
     assert "| 2.500 |" in card and str(list(FEATURES)) in card
+
+
+def test_imports_the_training_output_folder(tmp_path):
+    # train --method eagle3 writes OUT/draft/ with Eagle3Draft.save; its layers must read back as HF indices.
+    base, draft = make_draft()
+    draft.save(tmp_path / "draft")
+    back = import_eagle3(tmp_path / "draft", base.get_input_embeddings(), base_num_layers=BASE_LAYERS)
+    assert back.feature_layers == FEATURES
+    for name, tensor in draft.state_dict().items():
+        assert torch.equal(tensor, back.state_dict()[name]), name

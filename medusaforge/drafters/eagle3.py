@@ -113,6 +113,9 @@ def draft_config_from_base(base_config, draft_vocab_size: int, feature_layers=No
     config.draft_vocab_size = int(draft_vocab_size)
     config.target_hidden_size = hidden
     config.eagle_config = {"eagle_aux_hidden_state_layer_ids": list(layers)}
+    # vLLM's top-level key, same (HF) numbering: interop/eagle3_layout reads it before the nested
+    # one, which SGLang/SpecForge number from the layer's output (see that module's NOTE).
+    config.eagle_aux_hidden_state_layer_ids = list(layers)
     if not 0 < config.draft_vocab_size <= config.vocab_size:
         raise ValueError(f"draft vocabulary size must be in [1, {config.vocab_size}], got {draft_vocab_size}")
     return config
