@@ -61,8 +61,8 @@ def smollm2_problem(args, variant: str, device):
     from medusaforge.training.sources import OfflineBatches, OnlineBatches
     from medusaforge.data.conversations import load_tokenized
     from medusaforge.drafters.medusa_heads import MedusaHeads
-    from medusaforge.commands.cache import HiddenCache, read_lm_head_weight
-    from medusaforge.models import load_base_model, load_tokenizer
+    from medusaforge.models import load_base_model, load_tokenizer, read_lm_head_weight
+    from medusaforge.training.hidden_cache import HiddenCache
 
     if variant == "offline":
         cache = HiddenCache(args.cache)
