@@ -3,10 +3,10 @@
 Every variant runs on the same prompts in one process, interleaved prompt by prompt after a
 warm-up, next to HF greedy (the reference for speed and identity). A variant "T+L" is the first T
 nodes of the shipped tree (listed best first) merged with a lookup chain of L tokens; T 0 is lookup
-alone, L 0 the heads alone. Usage:
+alone, L 0 the heads alone; "T+L/n" matches n-grams of at least n tokens (default 1). Usage:
 
   python benchmarks/lookup_split.py --heads runs/demo/heads --sets mt-bench,copy-heavy --limit 8 \
-      --variants 0+8,16+0,16+4,16+8,16+16,8+8
+      --variants 0+8,16+0,16+4,16+8,16+16,8+8,16+8/2
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--sets", default="mt-bench,copy-heavy")
     parser.add_argument("--limit", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--variants", default="0+8,16+0,16+4,16+8,16+16,8+8", help="comma-separated TREE_NODES+LOOKUP_TOKENS")
+    parser.add_argument("--variants", default="0+8,16+0,16+4,16+8,16+16,8+8,16+8/2", help="comma-separated TREE_NODES+LOOKUP_TOKENS[/MIN_NGRAM]")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -42,8 +42,9 @@ def main() -> None:
     methods = {"hf greedy": lambda ids, n: (hf_greedy(base, ids, n, eos), [], [])}
     methods["hf prompt lookup (10)"] = lambda ids, n: (hf_prompt_lookup(base, ids, n, eos, 10), [], [])
     for variant in args.variants.split(","):
-        nodes, lookup_tokens = (int(x) for x in variant.split("+"))
-        methods[variant] = make_method(base, heads, eos, tree[:nodes], lookup_tokens)
+        sizes, _, min_ngram = variant.partition("/")
+        nodes, lookup_tokens = (int(x) for x in sizes.split("+"))
+        methods[variant] = make_method(base, heads, eos, tree[:nodes], lookup_tokens, int(min_ngram or 1))
 
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
     print(f"{dtype}, {torch.get_num_threads()} threads, default tree {len(tree)} nodes, {args.max_new_tokens} new tokens", flush=True)
@@ -76,8 +77,8 @@ def main() -> None:
             print(f"| {name} | {tps:.1f} | {tps / greedy:.2f}x | {accept:.2f} | {identical[name]}/{len(encoded)} | {where} |", flush=True)
 
 
-def make_method(base, heads, eos, tree, lookup_tokens):
-    lookup = LookupProposer(num_tokens=lookup_tokens) if lookup_tokens > 0 else None
+def make_method(base, heads, eos, tree, lookup_tokens, min_ngram):
+    lookup = LookupProposer(num_tokens=lookup_tokens, min_ngram=min_ngram) if lookup_tokens > 0 else None
 
     def run(ids, n):
         result = medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup)
