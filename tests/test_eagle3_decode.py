@@ -209,3 +209,37 @@ def test_speculative_sampling_is_lossless_through_the_decoder():
         if p > 0.02:
             tolerance = 5 * (p * (1 - p) / samples) ** 0.5
             assert abs(counts.get(key, 0) / samples - p) <= tolerance, (key, counts.get(key, 0) / samples, p)
+
+
+def test_eval_generate_and_export_take_an_eagle3_drafter(tmp_path, capsys):
+    import json
+
+    from medusaforge.cli import main
+    from medusaforge.models import load_base_model
+    from tests.helpers import save_tiny_model, write_jsonl
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    base = load_base_model(model_dir, check=False)
+    torch.manual_seed(0)
+    draft = Eagle3Draft(draft_config_from_base(base.config, 64, (0, 1, 1)), base.get_input_embeddings())
+    draft.save(tmp_path / "run" / "draft")  # as train --method eagle3 leaves it
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hello there"}, {"turns": ["What is the capital of France?"]}])
+    out = tmp_path / "eval.json"
+    main(["eval", "--model", str(model_dir), "--drafter", str(tmp_path / "run"), "--prompts", str(prompts),
+          "--max-new-tokens", "12", "--dtype", "fp32", "--warmup-tokens", "2", "--json", str(out),
+          "--eagle-topk", "2", "--eagle-depth", "3", "--eagle-nodes", "6"])
+    result = json.loads(out.read_text())
+    assert result["drafter"] == "eagle3" and result["identical"] is True and result["num_identical"] == 2
+    assert result["tree"] == {"topk": 2, "depth": 3, "num_nodes": 6} and len(result["per_head_acceptance"]) == 3
+
+    main(["generate", "--model", str(model_dir), "--drafter", str(tmp_path / "run" / "draft"), "--prompt", "Hello",
+          "--max-new-tokens", "6", "--dtype", "fp32", "--temperature", "0.8"])
+    assert "verify steps" in capsys.readouterr().out
+
+    main(["export", "--heads", str(tmp_path / "run"), "--out", str(tmp_path / "export"), "--model", str(model_dir),
+          "--dtype", "bf16", "--eval-json", str(out)])
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["torch_dtype"] == "bfloat16"
+    assert config["eagle_aux_hidden_state_layer_ids"] == [0, 1, 1]
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [-1, 0, 0]
+    assert "accept_length" in (tmp_path / "export" / "README.md").read_text()

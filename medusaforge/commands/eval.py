@@ -18,8 +18,9 @@ import torch
 
 from medusaforge.config import config_to_dict, option
 from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
-from medusaforge.decoding.decoder import DecodeResult, medusa_generate
+from medusaforge.decoding.decoder import DecodeResult, medusa_generate, speculative_generate
 from medusaforge.decoding.loading import hf_greedy, load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.drafters.eagle3_proposer import DynamicTree, find_eagle3_folder, load_eagle3_for_decoding
 from medusaforge.drafters.hybrid import accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.models import DEFAULT_MODEL
@@ -33,6 +34,11 @@ class EvalConfig:
     heads: Path = option(Path("runs/demo/heads"), "heads folder (a train --out folder or its heads/ subfolder)")
     prompts: str = option("mt-bench", "prompts file (.jsonl / .txt), 'mt-bench' (the 80 first turns) or 'copy-heavy' (45 that copy from their input)")
     limit: int = option(0, "use only the first N prompts (0 = all)")
+    drafter: Path | None = option(None, "drafter folder instead of --heads: an EAGLE-3 draft (train --method eagle3's OUT "
+                                        "or OUT/draft, an export, SpecForge's) or a heads folder")
+    eagle_topk: int = option(DynamicTree.topk, "EAGLE-3 tree: children per expanded node, and nodes expanded per depth")
+    eagle_depth: int = option(DynamicTree.depth, "EAGLE-3 tree: draft steps at most")
+    eagle_nodes: int = option(DynamicTree.num_nodes, "EAGLE-3 tree: candidate nodes verified per step")
     max_new_tokens: int = option(128, "tokens to generate per prompt")
     tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count")
     lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
@@ -50,6 +56,7 @@ class EvalConfig:
             raise ValueError("--max-new-tokens must be at least 1")
         if self.lookup_tokens < 1:
             raise ValueError("--lookup-tokens must be at least 1")
+        DynamicTree(self.eagle_topk, self.eagle_depth, self.eagle_nodes)  # raises for values below 1
 
 
 def head_acceptance(accepted: list[int], num_heads: int) -> dict[str, list[float]]:
@@ -99,17 +106,29 @@ def write_histogram(accept_lengths: list[int], path: Path, title: str) -> bool:
 
 
 def run(config: EvalConfig) -> dict:
-    tokenizer, base, heads = load_for_decoding(config.model, config.heads, config.dtype, config.device, config.allow_other_base)
-    tree = pick_tree(config.tree, heads.num_heads)
+    eagle3 = find_eagle3_folder(config.drafter)
+    if eagle3 is not None:
+        if config.lookup:
+            raise ValueError("--lookup merges into the heads' tree; it does not combine with an EAGLE-3 --drafter")
+        eagle_tree = DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes)
+        tokenizer, base, proposer = load_eagle3_for_decoding(config.model, eagle3, config.dtype, config.device, eagle_tree)
+        tree, depth = {"topk": eagle_tree.topk, "depth": eagle_tree.depth, "num_nodes": eagle_tree.num_nodes}, eagle_tree.depth
+    else:
+        heads_dir = config.drafter or config.heads
+        tokenizer, base, heads = load_for_decoding(config.model, heads_dir, config.dtype, config.device, config.allow_other_base)
+        tree, depth = pick_tree(config.tree, heads.num_heads), heads.num_heads
     eos = stop_token_ids(tokenizer, base)
     chats = load_prompts(config.prompts, config.limit)
     encoded = [encode_prompt(tokenizer, chat).to(base.device) for chat in chats]
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
-    print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, tree of {len(tree)} nodes", flush=True)
+    shape = f"EAGLE-3 tree {tree}" if eagle3 is not None else f"tree of {len(tree)} nodes"
+    print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, {shape}", flush=True)
 
     lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup else None
 
     def medusa(ids, n) -> DecodeResult:
+        if eagle3 is not None:
+            return speculative_generate(base, proposer, ids, n, eos)
         return medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup)
 
     if config.baseline:
@@ -151,8 +170,9 @@ def run(config: EvalConfig) -> dict:
     accept_lengths = [a + 1 for a in accepted]
     medusa_tps = medusa_tokens / medusa_seconds
     baseline_tps = baseline_tokens / baseline_seconds if config.baseline else None
-    per_head = head_acceptance(accepted, heads.num_heads)
+    per_head = head_acceptance(accepted, depth)  # per draft depth for EAGLE-3
     summary = {
+        "drafter": "eagle3" if eagle3 is not None else "medusa",
         "accept_length": sum(accept_lengths) / max(len(accept_lengths), 1),
         "speedup": medusa_tps / baseline_tps if config.baseline else None,
         "medusa_tokens_per_s": medusa_tps,

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from medusaforge.config import dtype_option, option
+from medusaforge.drafters.eagle3_proposer import find_eagle3_folder
 from medusaforge.drafters.medusa_heads import CONFIG_FILE, MedusaHeads
 from medusaforge.files import atomic_write_text, refuse_non_empty, staging_directory
 from medusaforge.interop import layouts as formats
@@ -25,6 +26,7 @@ from medusaforge.interop.full_vocab import top1_agreement
 from medusaforge.interop.importer import import_heads
 from medusaforge.interop.model_card import model_card, read_eval_json
 
+EAGLE3 = "eagle3"  # the one layout of EAGLE-3 drafts, chosen by itself when --heads is an EAGLE-3 folder
 # "auto" keeps the heads' own dtype.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -35,7 +37,7 @@ class ExportConfig:
 
     heads: str = option("", "heads folder to export (medusaforge, vLLM or original-Medusa layout)")
     format: str = option("vllm", "target layout: vllm, or medusa (FasterDecoding's original layout, which vLLM "
-                                 "also reads and TensorRT-LLM's removed converter read)", choices=list(formats.FORMATS))
+                                 "also reads and TensorRT-LLM's removed converter read)", choices=[*formats.FORMATS, EAGLE3])
     out: str = option("", "output folder; refused if it exists and is not empty, unless --overwrite")
     overwrite: bool = option(False, "replace a non-empty --out folder")
     model: str = option("", "base model (built-in name, folder or hub id); checks the heads fit it, and is needed for "
@@ -68,6 +70,9 @@ class ExportConfig:
 
 
 def run(config: ExportConfig) -> Path:
+    eagle3 = find_eagle3_folder(config.heads)
+    if eagle3 is not None or config.format == EAGLE3:
+        return _export_eagle3(config, eagle3)
     out = Path(config.out)
     _check_output(out, Path(config.heads), config.overwrite)
     heads = import_heads(config.heads)
@@ -95,6 +100,28 @@ def run(config: ExportConfig) -> Path:
     _write_folder(out, {weights_file: tensors}, engine_config, card, write_pt=config.write_pt)
     names = sorted(p.name for p in out.iterdir())
     print(f"exported {heads.num_heads} heads ({config.format} layout) to {out}: {', '.join(names)}")
+    return out
+
+
+def _export_eagle3(config: ExportConfig, folder: Path | None) -> Path:
+    """An EAGLE-3 draft: SpecForge's layout, which vLLM and SGLang both load (interop/eagle3_layout.py)."""
+    from medusaforge.interop.eagle3_layout import convert_folder
+
+    if folder is None:
+        raise ValueError(f"--format eagle3: {config.heads} holds no EAGLE-3 draft (config.json with draft_vocab_size)")
+    if config.format == formats.MEDUSA or config.write_pt:
+        raise ValueError("an EAGLE-3 draft has one layout, read by vLLM and SGLang alike: drop --format medusa / --write-pt")
+    base_layers = None
+    if config.model:  # only its config is read: it checks that the feature layers exist in the base
+        from transformers import AutoConfig
+
+        from medusaforge.models import resolve_model_path
+
+        base_layers = AutoConfig.from_pretrained(resolve_model_path(config.model)).get_text_config().num_hidden_layers
+    eval_results = read_eval_json(config.eval_json) if config.eval_json else None
+    out = convert_folder(folder, config.out, DTYPES.get(config.dtype), base_layers, config.base_model_id or config.model,
+                         eval_results, config.data, config.overwrite)
+    print(f"exported the EAGLE-3 draft (eagle3 layout) to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     return out
 
 

@@ -10,8 +10,9 @@ import torch
 
 from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
-from medusaforge.decoding.decoder import medusa_generate
+from medusaforge.decoding.decoder import medusa_generate, speculative_generate
 from medusaforge.decoding.loading import load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.drafters.eagle3_proposer import DynamicTree, find_eagle3_folder, load_eagle3_for_decoding
 from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.models import DEFAULT_MODEL
 
@@ -28,8 +29,14 @@ class GenerateConfig:
     tree: Path | None = option(None, "tree JSON (a list of paths); default: the shipped tree for the head count")
     lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
     lookup_tokens: int = option(8, "with --lookup: tokens per lookup chain")
+    drafter: Path | None = option(None, "drafter folder instead of --heads: an EAGLE-3 draft (train --method eagle3's OUT "
+                                        "or OUT/draft, an export, SpecForge's) or a heads folder")
+    eagle_topk: int = option(DynamicTree.topk, "EAGLE-3 tree: children per expanded node, and nodes expanded per depth")
+    eagle_depth: int = option(DynamicTree.depth, "EAGLE-3 tree: draft steps at most")
+    eagle_nodes: int = option(DynamicTree.num_nodes, "EAGLE-3 tree: candidate nodes verified per step")
     max_new_tokens: int = option(128, "tokens to generate at most")
-    temperature: float = option(0.0, "0 = greedy (lossless); > 0 samples with typical acceptance")
+    temperature: float = option(0.0, "0 = greedy (lossless); > 0 samples: typical acceptance with heads, "
+                                     "speculative sampling (lossless) with an EAGLE-3 drafter")
     typical_epsilon: float = option(0.09, "typical acceptance: hard threshold epsilon")
     typical_alpha: float = option(0.3, "typical acceptance: entropy-scaled threshold alpha")
     chat: bool = option(True, "render prompts with the tokenizer's chat template")
@@ -45,12 +52,21 @@ class GenerateConfig:
             raise ValueError("--max-new-tokens must be at least 1")
         if self.lookup_tokens < 1:
             raise ValueError("--lookup-tokens must be at least 1")
+        DynamicTree(self.eagle_topk, self.eagle_depth, self.eagle_nodes)  # raises for values below 1
 
 
 def run(config: GenerateConfig) -> None:
     torch.manual_seed(config.seed)
-    tokenizer, base, heads = load_for_decoding(config.model, config.heads, config.dtype, config.device, config.allow_other_base)
-    tree = pick_tree(config.tree, heads.num_heads)
+    eagle3 = find_eagle3_folder(config.drafter)
+    if eagle3 is not None:
+        if config.lookup:
+            raise ValueError("--lookup merges into the heads' tree; it does not combine with an EAGLE-3 --drafter")
+        tree = DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes)
+        tokenizer, base, proposer = load_eagle3_for_decoding(config.model, eagle3, config.dtype, config.device, tree)
+    else:
+        heads_dir = config.drafter or config.heads
+        tokenizer, base, heads = load_for_decoding(config.model, heads_dir, config.dtype, config.device, config.allow_other_base)
+        tree = pick_tree(config.tree, heads.num_heads)
     eos = stop_token_ids(tokenizer, base)
     chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
     generator = torch.Generator(device=base.device).manual_seed(config.seed)
@@ -58,11 +74,15 @@ def run(config: GenerateConfig) -> None:
     for messages in chats:
         input_ids = encode_prompt(tokenizer, messages, chat=config.chat).to(base.device)
         start = time.perf_counter()
-        result = medusa_generate(
-            base, heads, input_ids, config.max_new_tokens, eos, tree,
-            temperature=config.temperature, typical_epsilon=config.typical_epsilon,
-            typical_alpha=config.typical_alpha, generator=generator, lookup=lookup,
-        )
+        if eagle3 is not None:
+            result = speculative_generate(base, proposer, input_ids, config.max_new_tokens, eos,
+                                          temperature=config.temperature, generator=generator, speculative=True)
+        else:
+            result = medusa_generate(
+                base, heads, input_ids, config.max_new_tokens, eos, tree,
+                temperature=config.temperature, typical_epsilon=config.typical_epsilon,
+                typical_alpha=config.typical_alpha, generator=generator, lookup=lookup,
+            )
         seconds = time.perf_counter() - start
         print(tokenizer.decode(result.tokens, skip_special_tokens=True))
         accept = sum(result.accept_lengths) / max(result.num_steps, 1)

@@ -266,3 +266,25 @@ def import_eagle3(directory: str | os.PathLike, embed_tokens: nn.Embedding, base
     draft.to(dtype)
     draft.load_state_dict(tensors)
     return draft
+
+
+def convert_folder(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    base_num_layers: int | None = None,
+    base_model_id: str = "",
+    eval_results: dict | None = None,
+    data: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Any EAGLE-3 folder (train's OUT/draft, an export, SpecForge's) -> the engine layout with a card."""
+    from medusaforge.interop.eagle3_card import eagle3_card
+
+    if Path(out).exists() and Path(source).exists() and Path(out).resolve() == Path(source).resolve():
+        raise ValueError(f"--out {out} is the draft folder itself; export to a new folder")
+    draft = import_eagle3(source, embed_tokens=None, base_num_layers=base_num_layers)  # export needs no embedding
+    extra = {"base_model": base_model_id} if base_model_id else None
+    config = engine_config(draft.config, dtype or draft.fc.weight.dtype, base_num_layers, extra)
+    card = eagle3_card(config, str(out), base_model_id, eval_results, data)
+    return write_layout(out, engine_tensors(draft, dtype), config, card, overwrite)
