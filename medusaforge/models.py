@@ -192,6 +192,14 @@ def final_hidden_states(base: nn.Module, input_ids: torch.Tensor, attention_mask
     return outputs.last_hidden_state
 
 
+def final_and_feature_states(base: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, feature_layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids -> (final post-norm hidden [B, T, H], the HF `hidden_states[i]` for i in
+    `feature_layers` concatenated [B, T, len * H]) from one forward. In transformers 5,
+    hidden_states[0] is the embedding output and [j] the output of layer j-1 (EAGLE-3's numbering)."""
+    outputs = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    return outputs.last_hidden_state, torch.cat([outputs.hidden_states[i] for i in feature_layers], dim=-1)
+
+
 @torch.no_grad()
 def check_lm_head_reads_final_hidden(base: nn.Module) -> None:
     """Refuse models whose logits are not `lm_head(decoder.last_hidden_state)`."""

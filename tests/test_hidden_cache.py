@@ -147,3 +147,28 @@ def test_offline_training_gives_the_online_losses(tmp_path, tiny_model_dir, isol
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     load_heads(tmp_path / "offline" / "heads", base=base)
     shutil.rmtree(tmp_path / "cache16")
+
+
+def test_eagle3_features_are_the_base_hidden_states_at_the_chosen_layers(tmp_path, tiny_model_dir, isolated_cache, capsys):
+    data = learnable_data(tmp_path / "data.jsonl", num_conversations=6)
+    make_cache(tiny_model_dir, data, tmp_path / "cache", "--cache-dtype", "fp32", "--feature-layers", "0", "2", "1")
+    assert "features of layers [0, 2, 1] 768" in capsys.readouterr().out  # 3 x 64 values x 4 bytes per token
+    cache = HiddenCache(tmp_path / "cache")
+    assert cache.feature_layers == (0, 2, 1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for index in (0, 5):
+        ids, _ = cache.data.example(index)
+        with torch.no_grad():
+            states = base.model(input_ids=ids[None], output_hidden_states=True).hidden_states
+        expected = torch.cat([states[0][0], states[2][0], states[1][0]], dim=-1)
+        assert cache.features(index).shape == (len(ids), 3 * 64)
+        assert torch.allclose(cache.features(index), expected, atol=1e-5)
+        assert torch.allclose(cache.hidden(index), states[-1][0], atol=1e-5)  # the final state is still there
+    # A Medusa-only cache says what to do instead of failing on a missing tensor.
+    make_cache(tiny_model_dir, data, tmp_path / "plain")
+    with pytest.raises(ValueError, match="--eagle3-features"):
+        HiddenCache(tmp_path / "plain").features(0)
+    # The default layers (2, L//2, L-3) do not exist in a 2-layer base: refused by name.
+    assert main(["cache", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "bad"),
+                 "--eagle3-features", "--dtype", "fp32"]) == 1
+    assert "feature layers must be three hidden_states indices" in capsys.readouterr().err

@@ -34,9 +34,11 @@ from medusaforge.config import dtype_option, option
 from medusaforge.files import atomic_write_text, commit_file, refuse_non_empty, temporary_path_beside
 from medusaforge.data.conversations import TokenizedData, collate, load_tokenized, tokenizer_fingerprint
 from medusaforge.training.hidden_cache import FORMAT_NAME, FORMAT_VERSION, INDEX_FILE
+from medusaforge.drafters.eagle3 import check_feature_layers, default_feature_layers
 from medusaforge.models import (
     DEFAULT_MODEL,
     base_fingerprint,
+    final_and_feature_states,
     final_hidden_states,
     lm_head_of,
     load_base_model,
@@ -64,6 +66,8 @@ class CacheConfig:
     shard_mb: float = option(512.0, "start a new shard after about this many MB of hidden states")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     skip_invalid: bool = option(False, "skip bad records (counted and reported) instead of stopping")
+    eagle3_features: bool = option(False, "also store the intermediate hidden states an EAGLE-3 draft reads: --feature-layers, by default (2, L//2, L-3) of an L-layer base as vLLM/SpecForge")
+    feature_layers: list[int] | None = option(None, "HF hidden_states indices stored with --eagle3-features (0: embeddings, j: output of layer j-1; implies --eagle3-features)")
     overwrite: bool = option(False, "replace a cache in --out that was made from other inputs")
     trust_remote_code: bool = option(False, "allow the model's own Python code from its folder (off by default)")
 
@@ -72,14 +76,24 @@ class CacheConfig:
             raise ValueError("--data and --out are required")
         if self.batch_size < 1 or self.shard_mb <= 0 or self.max_length < 2:
             raise ValueError("--batch-size must be >= 1, --shard-mb > 0, --max-length >= 2")
+        if self.feature_layers is not None:
+            self.eagle3_features = True
+
+
+def feature_layers_of(config: CacheConfig, num_layers: int) -> tuple[int, ...] | None:
+    """The hidden_states indices to store beside the final state, or None (a Medusa-only cache)."""
+    if not config.eagle3_features:
+        return None
+    return check_feature_layers(config.feature_layers or default_feature_layers(num_layers), num_layers)
 
 
 # ---- which model made the cache ---------------------------------------------------------------
 
 
-def cache_identity(config: CacheConfig, base, tokenizer, hidden_size: int, vocab_size: int) -> dict:
+def cache_identity(config: CacheConfig, base, tokenizer, hidden_size: int, vocab_size: int, feature_layers=None) -> dict:
     """Everything that decides the cache's bytes; a resume or a training run must match it."""
-    return {
+    values_per_token = hidden_size * (1 + len(feature_layers or ()))
+    identity = {
         "model": model_name(base),
         "base_fingerprint": base_fingerprint(base),
         "weights_fingerprint": weights_fingerprint(config.model),
@@ -90,10 +104,13 @@ def cache_identity(config: CacheConfig, base, tokenizer, hidden_size: int, vocab
         "cache_dtype": config.cache_dtype,
         "compute_dtype": str(resolve_dtype(config.dtype, next(base.parameters()).device)).removeprefix("torch."),
         "batch_size": config.batch_size,
-        "shard_tokens": max(1, int(config.shard_mb * 2**20) // (hidden_size * CACHE_DTYPES[config.cache_dtype].itemsize)),
+        "shard_tokens": max(1, int(config.shard_mb * 2**20) // (values_per_token * CACHE_DTYPES[config.cache_dtype].itemsize)),
         "hidden_size": hidden_size,
         "vocab_size": vocab_size,
     }
+    if feature_layers is not None:  # absent from Medusa-only caches, so caches made before still match
+        identity["feature_layers"] = list(feature_layers)
+    return identity
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -126,25 +143,36 @@ def shard_plan(lengths: list[int], batch_size: int, shard_tokens: int) -> list[t
 
 
 @torch.no_grad()
-def hidden_states_of_examples(base, data: TokenizedData, first: int, end: int, batch_size: int, pad_token_id: int, autocast, storage_dtype) -> dict[str, torch.Tensor]:
-    """Run the base over examples [first, end) in batches -> one shard's tensors (padding dropped)."""
+def hidden_states_of_examples(base, data: TokenizedData, first: int, end: int, batch_size: int, pad_token_id: int, autocast, storage_dtype,
+                              feature_layers=None) -> dict[str, torch.Tensor]:
+    """Run the base over examples [first, end) in batches -> one shard's tensors (padding dropped);
+    with `feature_layers`, also "features" [tokens, len(feature_layers) * hidden]."""
     device = next(base.parameters()).device
-    hidden_rows = []
+    hidden_rows, feature_rows = [], []
     for batch_start in range(first, end, batch_size):
         examples = [data.example(i) for i in range(batch_start, min(batch_start + batch_size, end))]
         batch = collate(examples, pad_token_id)
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         with autocast:
-            hidden = final_hidden_states(base, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            if feature_layers is None:
+                hidden, features = final_hidden_states(base, input_ids, attention_mask), None
+            else:
+                hidden, features = final_and_feature_states(base, input_ids, attention_mask, feature_layers)
         for row, (ids, _) in enumerate(examples):
             hidden_rows.append(hidden[row, : len(ids)].to(storage_dtype).cpu())
+            if features is not None:
+                feature_rows.append(features[row, : len(ids)].to(storage_dtype).cpu())
     ids = torch.cat([data.example(i)[0] for i in range(first, end)])
     mask = torch.cat([data.example(i)[1] for i in range(first, end)])
-    return {
+    tensors = {
         "hidden": torch.cat(hidden_rows).contiguous(),
         "input_ids": ids.to(torch.int32),
         "loss_mask": mask.to(torch.uint8),
         "lengths": data.lengths[first:end].clone(),
     }
+    if feature_rows:
+        tensors["features"] = torch.cat(feature_rows).contiguous()
+    return tensors
 
 
 def run(config: CacheConfig) -> dict:
@@ -157,7 +185,8 @@ def run(config: CacheConfig) -> dict:
     base.requires_grad_(False)
     data = load_tokenized(config.data, tokenizer, config.max_length, skip_invalid=config.skip_invalid, log=lambda m: print(m, file=sys.stderr))
     weight = lm_head_of(base).weight
-    identity = cache_identity(config, base, tokenizer, hidden_size=weight.shape[1], vocab_size=weight.shape[0])
+    feature_layers = feature_layers_of(config, base.config.num_hidden_layers)
+    identity = cache_identity(config, base, tokenizer, weight.shape[1], weight.shape[0], feature_layers)
     plan = shard_plan(data.lengths.tolist(), config.batch_size, identity["shard_tokens"])
 
     index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "identity": identity, "num_examples": len(data),
@@ -181,7 +210,7 @@ def run(config: CacheConfig) -> dict:
     storage_dtype = CACHE_DTYPES[config.cache_dtype]
     for shard_number in range(len(index["shards"]), len(plan)):
         first, end = plan[shard_number]
-        tensors = hidden_states_of_examples(base, data, first, end, config.batch_size, tokenizer.pad_token_id, autocast, storage_dtype)
+        tensors = hidden_states_of_examples(base, data, first, end, config.batch_size, tokenizer.pad_token_id, autocast, storage_dtype, feature_layers)
         name = f"shard-{shard_number:05d}.safetensors"
         write_shard(out / name, tensors)
         index["shards"].append({"file": name, "first_example": first, "num_examples": end - first,
@@ -194,7 +223,10 @@ def run(config: CacheConfig) -> dict:
     num_tokens = sum(shard["num_tokens"] for shard in index["shards"])
     size = sum((out / shard["file"]).stat().st_size for shard in index["shards"])
     summary = {"conversations": len(data), "tokens": num_tokens, "bytes": size, "bytes_per_token": size / max(1, num_tokens),
-               "hidden_bytes_per_token": identity["hidden_size"] * storage_dtype.itemsize, "seconds": round(time.perf_counter() - started, 1)}
+               "hidden_bytes_per_token": identity["hidden_size"] * storage_dtype.itemsize,
+               "feature_bytes_per_token": identity["hidden_size"] * len(feature_layers or ()) * storage_dtype.itemsize,
+               "feature_layers": list(feature_layers) if feature_layers else None, "seconds": round(time.perf_counter() - started, 1)}
+    features = f", features of layers {summary['feature_layers']} {summary['feature_bytes_per_token']}" if feature_layers else ""
     print(f"cache: {len(data)} conversations, {num_tokens} tokens, {size / 2**20:.1f} MiB "
-          f"({summary['bytes_per_token']:.1f} bytes/token; hidden states {summary['hidden_bytes_per_token']}) in {out}")
+          f"({summary['bytes_per_token']:.1f} bytes/token; final hidden states {summary['hidden_bytes_per_token']}{features}) in {out}")
     return summary

@@ -19,7 +19,7 @@ import torch
 from medusaforge.config import config_to_dict, option
 from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
 from medusaforge.decoding.decoder import DecodeResult, medusa_generate, speculative_generate
-from medusaforge.decoding.loading import hf_greedy, load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.decoding.loading import adaptive_drafting, hf_greedy, load_for_decoding, pick_tree, stop_token_ids
 from medusaforge.drafters.eagle3_proposer import DynamicTree, find_eagle3_folder, load_eagle3_for_decoding
 from medusaforge.drafters.hybrid import accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
@@ -41,6 +41,7 @@ class EvalConfig:
     eagle_nodes: int = option(DynamicTree.num_nodes, "EAGLE-3 tree: candidate nodes verified per step")
     max_new_tokens: int = option(128, "tokens to generate per prompt")
     tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count")
+    adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
     lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
     lookup_tokens: int = option(8, "with --lookup: tokens per lookup chain")
     dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
@@ -125,17 +126,20 @@ def run(config: EvalConfig) -> dict:
     print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, {shape}", flush=True)
 
     lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup else None
+    adaptive = adaptive_drafting(config.tree, config.adaptive)
+    if not tree and not config.lookup:
+        print("the tree file says no draft beats plain decoding here: decoding without drafting", flush=True)
 
     def medusa(ids, n) -> DecodeResult:
         if eagle3 is not None:
             return speculative_generate(base, proposer, ids, n, eos)
-        return medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup)
+        return medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup, adaptive=adaptive)
 
     if config.baseline:
         hf_greedy(base, encoded[0], config.warmup_tokens, eos)  # warm-up: first calls allocate and pick kernels
     medusa(encoded[0], config.warmup_tokens)
 
-    records, accepted, mismatches, sources = [], [], [], []
+    records, accepted, mismatches, sources, drafted = [], [], [], [], []
     baseline_seconds = medusa_seconds = 0.0
     baseline_tokens = medusa_tokens = 0
     for number, (chat, ids) in enumerate(zip(chats, encoded), start=1):
@@ -154,6 +158,7 @@ def run(config: EvalConfig) -> dict:
         medusa_seconds += medusa_time
         medusa_tokens += len(result.tokens)
         accepted += result.accepted
+        drafted += result.drafted
         sources += result.sources
         record.update(medusa_tokens=len(result.tokens), verify_steps=result.num_steps, medusa_s=medusa_time)
         line += f" accept {sum(result.accept_lengths) / max(result.num_steps, 1):.2f}  medusa {len(result.tokens) / medusa_time:.1f} tok/s"
@@ -170,7 +175,7 @@ def run(config: EvalConfig) -> dict:
     accept_lengths = [a + 1 for a in accepted]
     medusa_tps = medusa_tokens / medusa_seconds
     baseline_tps = baseline_tokens / baseline_seconds if config.baseline else None
-    per_head = head_acceptance(accepted, depth)  # per draft depth for EAGLE-3
+    per_head = head_acceptance([a for a, d in zip(accepted, drafted) if d > 0], depth)  # per draft depth for EAGLE-3
     summary = {
         "drafter": "eagle3" if eagle3 is not None else "medusa",
         "accept_length": sum(accept_lengths) / max(len(accept_lengths), 1),
@@ -184,6 +189,9 @@ def run(config: EvalConfig) -> dict:
         "per_head_acceptance": per_head["rate"],
         "per_head_conditional_acceptance": per_head["conditional"],
         "verify_steps": len(accepted),
+        # steps decoded without a draft (adaptive drafting, or a "no drafting" tree file)
+        "plain_steps": drafted.count(0),
+        "mean_draft_nodes": sum(drafted) / max(len(drafted), 1),
         # with --lookup: which drafter supplied the accepted path, per source (heads, lookup, both, none)
         "accept_by_source": accept_by_source(sources, accepted) if config.lookup else None,
         "accept_length_histogram": {str(n): accept_lengths.count(n) for n in sorted(set(accept_lengths))},
@@ -200,7 +208,8 @@ def run(config: EvalConfig) -> dict:
     title = f"accept length {summary['accept_length']:.2f} over {len(accepted)} steps"
     if write_histogram(accept_lengths, histogram, title):
         summary["histogram"] = str(histogram)
-    report = f"accept length {summary['accept_length']:.2f}  per-head {[round(r, 3) for r in per_head['rate']]}\n"
+    report = (f"accept length {summary['accept_length']:.2f}  per-head {[round(r, 3) for r in per_head['rate']]}  "
+              f"plain steps {summary['plain_steps']}/{len(accepted)}  mean draft {summary['mean_draft_nodes']:.1f} nodes\n")
     if config.lookup:
         by_source = summary["accept_by_source"]
         report += "by source: " + "  ".join(f"{s} {v['share']:.0%} of steps, accept {v['accept_length']:.2f}" for s, v in by_source.items()) + "\n"

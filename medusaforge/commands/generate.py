@@ -11,7 +11,7 @@ import torch
 from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate, speculative_generate
-from medusaforge.decoding.loading import load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.decoding.loading import adaptive_drafting, load_for_decoding, pick_tree, stop_token_ids
 from medusaforge.drafters.eagle3_proposer import DynamicTree, find_eagle3_folder, load_eagle3_for_decoding
 from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.models import DEFAULT_MODEL
@@ -29,6 +29,7 @@ class GenerateConfig:
     tree: Path | None = option(None, "tree JSON (a list of paths); default: the shipped tree for the head count")
     lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
     lookup_tokens: int = option(8, "with --lookup: tokens per lookup chain")
+    adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
     drafter: Path | None = option(None, "drafter folder instead of --heads: an EAGLE-3 draft (train --method eagle3's OUT "
                                         "or OUT/draft, an export, SpecForge's) or a heads folder")
     eagle_topk: int = option(DynamicTree.topk, "EAGLE-3 tree: children per expanded node, and nodes expanded per depth")
@@ -71,23 +72,25 @@ def run(config: GenerateConfig) -> None:
     chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
     generator = torch.Generator(device=base.device).manual_seed(config.seed)
     lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup else None
+    adaptive = adaptive_drafting(config.tree if eagle3 is None else None, config.adaptive)
     for messages in chats:
         input_ids = encode_prompt(tokenizer, messages, chat=config.chat).to(base.device)
         start = time.perf_counter()
         if eagle3 is not None:
             result = speculative_generate(base, proposer, input_ids, config.max_new_tokens, eos,
-                                          temperature=config.temperature, generator=generator, speculative=True)
+                                          temperature=config.temperature, generator=generator, adaptive=adaptive, speculative=True)
         else:
             result = medusa_generate(
                 base, heads, input_ids, config.max_new_tokens, eos, tree,
                 temperature=config.temperature, typical_epsilon=config.typical_epsilon,
-                typical_alpha=config.typical_alpha, generator=generator, lookup=lookup,
+                typical_alpha=config.typical_alpha, generator=generator, lookup=lookup, adaptive=adaptive,
             )
         seconds = time.perf_counter() - start
         print(tokenizer.decode(result.tokens, skip_special_tokens=True))
         accept = sum(result.accept_lengths) / max(result.num_steps, 1)
         print(
-            f"[{len(result.tokens)} tokens in {result.num_steps} verify steps, accept length {accept:.2f}, "
+            f"[{len(result.tokens)} tokens in {result.num_steps} verify steps ({result.drafted.count(0)} without a draft), "
+            f"accept length {accept:.2f}, "
             f"{len(result.tokens) / seconds:.1f} tok/s, stopped by {result.stopped_by}]",
             flush=True,
         )

@@ -4,7 +4,12 @@ Layout of the folder:
   index.json                  what made the cache (model, weights, tokenizer, data, max_length),
                               and the list of complete shards, in order
   shard-00000.safetensors     hidden [tokens, hidden] (bf16/fp16/fp32), input_ids [tokens] int32,
-                              loss_mask [tokens] uint8, lengths [examples] int64
+                              loss_mask [tokens] uint8, lengths [examples] int64, and with
+                              `cache --eagle3-features` also features [tokens, 3 * hidden]: the HF
+                              hidden_states at identity["feature_layers"], concatenated (EAGLE-3's input)
+
+Reading: `HiddenCache(dir)`; `.data` (TokenizedData: ids, masks, lengths), `.hidden(i)` [T, H] final
+post-norm states of example i, `.features(i)` [T, 3H], `.feature_layers` (tuple or None).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class HiddenCache:
             raise ValueError(f"{self.directory}: the cache is incomplete ({len(index['shards'])} of {index['num_shards']} shards); "
                              "run the same `medusaforge cache` command again to finish it")
         self.identity = index["identity"]
+        layers = self.identity.get("feature_layers")
+        self.feature_layers = tuple(layers) if layers else None
         self.shards = index["shards"]
         self.first_examples = [shard["first_example"] for shard in self.shards]
         self.handles = []
@@ -68,13 +75,24 @@ class HiddenCache:
     def __len__(self) -> int:
         return len(self.data)
 
-    def hidden(self, example_index: int) -> torch.Tensor:
-        """[T, hidden] stored hidden states of one example (read from the memory-mapped shard)."""
+    def _rows(self, name: str, example_index: int) -> torch.Tensor:
         shard = bisect.bisect_right(self.first_examples, example_index) - 1
         local = example_index - self.first_examples[shard]
         start = int(self.shard_starts[shard][local])
         length = int(self.data.lengths[example_index])
-        return self.handles[shard].get_slice("hidden")[start : start + length]
+        return self.handles[shard].get_slice(name)[start : start + length]
+
+    def hidden(self, example_index: int) -> torch.Tensor:
+        """[T, hidden] stored final hidden states of one example (read from the memory-mapped shard)."""
+        return self._rows("hidden", example_index)
+
+    def features(self, example_index: int) -> torch.Tensor:
+        """[T, len(feature_layers) * hidden] stored intermediate hidden states of one example (EAGLE-3's
+        fused input: hidden_states[i] for i in `feature_layers`, concatenated in that order)."""
+        if self.feature_layers is None:
+            raise ValueError(f"{self.directory}: this cache holds only final hidden states; "
+                             "make it with `medusaforge cache --eagle3-features` for EAGLE-3 training")
+        return self._rows("features", example_index)
 
     def check_model(self, model: str | os.PathLike) -> None:
         """Refuse a base model other than the one that made the cache."""
