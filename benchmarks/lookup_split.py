@@ -3,7 +3,8 @@
 Every variant runs on the same prompts in one process, interleaved prompt by prompt after a
 warm-up, next to HF greedy (the reference for speed and identity). A variant "T+L" is the first T
 nodes of the shipped tree (listed best first) merged with a lookup chain of L tokens; T 0 is lookup
-alone, L 0 the heads alone; "T+L/n" matches n-grams of at least n tokens (default 1). Usage:
+alone, L 0 the heads alone; "T+L/n" matches n-grams of at least n tokens (default 1); "T+Ls" drafts
+L * n / 4 tokens after an n-token match (scale_by_match). Usage:
 
   python benchmarks/lookup_split.py --heads runs/demo/heads --sets mt-bench,copy-heavy --limit 8 \
       --variants 0+8,16+0,16+4,16+8,16+16,8+8,16+8/2
@@ -43,8 +44,10 @@ def main() -> None:
     methods["hf prompt lookup (10)"] = lambda ids, n: (hf_prompt_lookup(base, ids, n, eos, 10), [], [])
     for variant in args.variants.split(","):
         sizes, _, min_ngram = variant.partition("/")
-        nodes, lookup_tokens = (int(x) for x in sizes.split("+"))
-        methods[variant] = make_method(base, heads, eos, tree[:nodes], lookup_tokens, int(min_ngram or 1))
+        nodes, lookup_tokens = sizes.split("+")
+        count, scaled = int(lookup_tokens.rstrip("s")), lookup_tokens.endswith("s")
+        lookup = LookupProposer(num_tokens=count, min_ngram=int(min_ngram or 1), scale_by_match=scaled) if count > 0 else None
+        methods[variant] = make_method(base, heads, eos, tree[: int(nodes)], lookup)
 
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
     print(f"{dtype}, {torch.get_num_threads()} threads, default tree {len(tree)} nodes, {args.max_new_tokens} new tokens", flush=True)
@@ -77,9 +80,7 @@ def main() -> None:
             print(f"| {name} | {tps:.1f} | {tps / greedy:.2f}x | {accept:.2f} | {identical[name]}/{len(encoded)} | {where} |", flush=True)
 
 
-def make_method(base, heads, eos, tree, lookup_tokens, min_ngram):
-    lookup = LookupProposer(num_tokens=lookup_tokens, min_ngram=min_ngram) if lookup_tokens > 0 else None
-
+def make_method(base, heads, eos, tree, lookup):
     def run(ids, n):
         result = medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup)
         sources = result.sources if lookup is not None else ["heads" if a else "none" for a in result.accepted]

@@ -66,3 +66,19 @@ def test_bad_sizes_are_refused_with_the_reason():
         NgramIndex(min_ngram=3, max_ngram=2)
     with pytest.raises(ValueError, match="max_positions"):
         NgramIndex(max_positions=0)
+
+
+def test_scale_by_match_drafts_fewer_tokens_after_a_shorter_match():
+    import torch
+
+    from medusaforge.drafters.lookup import LookupProposer
+
+    # A 4-gram match (of max 4) drafts all 8 tokens; a 1-gram match drafts ceil(8 * 1 / 4) = 2.
+    long_match = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1, 2, 3, 4]
+    proposer = LookupProposer(num_tokens=8, max_ngram=4, scale_by_match=True)
+    assert proposer.draft(long_match, "cpu").tokens.tolist() == [4, 5, 6, 7, 8, 9, 10, 11, 12]
+    short_match = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 3]
+    proposer.reset()
+    draft = proposer.draft(short_match, "cpu")
+    assert draft.tokens.tolist() == [3, 4, 5] and draft.parents == (-1, 0, 1)
+    assert isinstance(draft.tokens, torch.Tensor)

@@ -121,14 +121,18 @@ class LookupProposer:
         max_ngram: int = 4,
         max_positions: int = 4,
         reference: Iterable[int] = (),
+        scale_by_match: bool = False,
     ) -> None:
         """reference: tokens of a text the answers may copy besides their prompt (a document, a file
-        being edited), indexed before every sequence; the prompt and the output are always indexed."""
+        being edited), indexed before every sequence; the prompt and the output are always indexed.
+        scale_by_match: draft num_tokens * n / max_ngram tokens (rounded up) for an n-token match, as a
+        short match is less often followed by the same text for long."""
         if num_tokens < 1:
             raise ValueError(f"lookup num_tokens must be at least 1, got {num_tokens}")
         self.num_tokens, self.max_branches = num_tokens, max_branches
         self.sizes = dict(min_ngram=min_ngram, max_ngram=max_ngram, max_positions=max_positions)
         self.reference = [int(t) for t in reference]
+        self.scale_by_match = scale_by_match
         self.steps: list[tuple[str, int]] = []
         self.reset()
 
@@ -156,7 +160,11 @@ class LookupProposer:
         # Only the tokens verified since the last call are new: the index never rescans.
         self.index.extend(tokens[self._seen :])
         self._seen = len(tokens)
-        chains = lookup_chains(self.index, self.num_tokens, self.max_branches)
+        num_tokens = self.num_tokens
+        if self.scale_by_match:
+            match_length, _ = self.index.longest_match()
+            num_tokens = -(-num_tokens * match_length // self.index.max_ngram)
+        chains = lookup_chains(self.index, num_tokens, self.max_branches)
         if not chains:
             return None
         node_tokens, parents = chain_tree(tokens[-1], chains)
