@@ -1,11 +1,12 @@
 """Decode speed, batch 1: HF greedy vs HF prompt-lookup vs Medusa (default tree, searched tree) vs our
-prompt lookup alone and merged with the heads' tree (hybrid).
+prompt lookup alone and merged with the heads' tree (hybrid) vs an EAGLE-3 draft (--eagle3 DIR).
 
 Every method runs on the same prompts in one process, interleaved prompt by prompt after a warm-up,
 so the ratios are measured side by side under the same load. Usage:
 
   python benchmarks/decode_speed.py --heads runs/demo/heads --tree tree.json --prompts mt-bench --limit 16
   python benchmarks/decode_speed.py --heads runs/demo/heads --prompts copy-heavy --limit 0
+  python benchmarks/decode_speed.py --heads runs/demo/heads --eagle3 runs/eagle3 --eagle-nodes 16
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import time
 import torch
 
 from medusaforge.data.prompts import encode_prompt, load_prompts
-from medusaforge.decoding.decoder import medusa_generate
+from medusaforge.decoding.decoder import medusa_generate, speculative_generate
 from medusaforge.decoding.loading import hf_greedy, hf_prompt_lookup, load_for_decoding, stop_token_ids
 from medusaforge.decoding.tree import default_tree, load_tree
+from medusaforge.drafters.eagle3_proposer import DynamicTree, find_eagle3_folder, load_eagle3_proposer
 from medusaforge.drafters.hybrid import accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
 
@@ -33,6 +35,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
     parser.add_argument("--lookup-tokens", type=int, default=8, help="our lookup drafter's chain length (0: no lookup rows)")
+    parser.add_argument("--eagle3", default=None, help="EAGLE-3 draft folder (train --method eagle3's OUT, OUT/draft or an export)")
+    parser.add_argument("--eagle-topk", type=int, default=DynamicTree.topk)
+    parser.add_argument("--eagle-depth", type=int, default=DynamicTree.depth)
+    parser.add_argument("--eagle-nodes", type=int, default=DynamicTree.num_nodes)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -49,6 +55,21 @@ def main() -> None:
     if args.tree:
         searched = load_tree(args.tree)
         methods[f"medusa searched tree ({len(searched)} nodes)"] = lambda ids, n: medusa_generate(base, heads, ids, n, eos, searched).tokens
+
+    eagle_accepted: list[int] = []
+    if args.eagle3:
+        folder = find_eagle3_folder(args.eagle3)
+        if folder is None:
+            parser.error(f"--eagle3 {args.eagle3}: no EAGLE-3 draft there (config.json with draft_vocab_size)")
+        eagle_tree = DynamicTree(args.eagle_topk, args.eagle_depth, args.eagle_nodes)
+        eagle = load_eagle3_proposer(folder, base, eagle_tree)
+
+        def eagle_run(ids, n):
+            result = speculative_generate(base, eagle, ids, n, eos)
+            eagle_accepted.extend(result.accepted)
+            return result.tokens
+
+        methods[f"eagle-3 (top-{eagle_tree.topk}, depth {eagle_tree.depth}, {eagle_tree.num_nodes} nodes)"] = eagle_run
 
     hybrid_steps: dict[str, tuple[list[str], list[int]]] = {}
     if args.lookup_tokens > 0:
@@ -75,6 +96,7 @@ def main() -> None:
     for sources, accepted in hybrid_steps.values():  # count the timed runs only
         sources.clear()
         accepted.clear()
+    eagle_accepted.clear()
     seconds = dict.fromkeys(methods, 0.0)
     tokens = dict.fromkeys(methods, 0)
     identical = dict.fromkeys(methods, 0)
@@ -96,6 +118,8 @@ def main() -> None:
     for name in methods:
         tps = tokens[name] / seconds[name]
         print(f"| {name:<34} | {tokens[name]:>6} | {tps:>6.1f} | {tps / greedy_tps:>8.2f}x | {identical[name]:>2}/{len(encoded):<16} |")
+    if eagle_accepted:
+        print(f"eagle-3: accept length {1 + sum(eagle_accepted) / len(eagle_accepted):.2f} over {len(eagle_accepted)} verify steps")
     for name, (sources, accepted) in hybrid_steps.items():  # who supplied each step's accepted path
         by_source = accept_by_source(sources, accepted)
         print(f"{name}: " + "  ".join(f"{s} {v['share']:.0%} of steps (accept {v['accept_length']:.2f})" for s, v in by_source.items()))
