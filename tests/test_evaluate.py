@@ -6,6 +6,7 @@ import torch
 
 from medusaforge.cli import main
 from medusaforge.commands.eval import head_acceptance
+from medusaforge.decoding.tree import save_tree
 from medusaforge.drafters.medusa_heads import MedusaHeads
 from medusaforge.models import load_base_model, lm_head_of
 
@@ -36,18 +37,32 @@ def test_eval_writes_the_required_keys_and_outputs_are_identical_in_fp32(tmp_pat
     for key in ("accept_length", "speedup", "medusa_tokens_per_s", "baseline_tokens_per_s", "identical", "num_prompts"):
         assert result[key] is not None, key
     assert result["num_prompts"] == 2 and result["identical"] is True and result["num_identical"] == 2
-    assert result["accept_length"] >= 1.0
     steps = sum(r["verify_steps"] for r in result["prompts_detail"])
     # Every emitted token but the prefill's first comes from a verify step (a last step may be cut at the limit).
     emitted_by_steps = sum(int(n) * c for n, c in result["accept_length_histogram"].items())
     assert emitted_by_steps >= sum(r["medusa_tokens"] - 1 for r in result["prompts_detail"])
     assert steps == result["verify_steps"]
+    assert result["accept_length"] == emitted_by_steps / steps  # the mean of the histogram it reports
 
 
 def test_eval_without_baseline_reports_acceptance_only(tmp_path):
     result = run_eval(tmp_path, "--baseline", "false")
     assert result["speedup"] is None and result["identical"] is None and result["baseline_tokens_per_s"] is None
-    assert result["accept_length"] >= 1.0 and result["medusa_tokens_per_s"] > 0
+    assert result["medusa_tokens_per_s"] > 0 and result["verify_steps"] > 0
+    assert result["config"]["adaptive"] is True
+
+
+def test_a_no_drafting_tree_file_decodes_plainly_and_stays_identical(tmp_path):
+    tree = tmp_path / "tree.json"
+    save_tree([], tree, num_nodes=0, note="no tree beat plain decoding")
+    result = run_eval(tmp_path, "--tree", str(tree))
+    assert result["identical"] is True
+    assert result["plain_steps"] == result["verify_steps"] > 0 and result["accept_length"] == 1.0
+
+
+def test_eval_without_adaptive_drafting_drafts_every_step(tmp_path):
+    result = run_eval(tmp_path, "--adaptive", "false")
+    assert result["identical"] is True and result["plain_steps"] == 0
 
 
 def test_head_acceptance_on_hand_counts():

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import torch
 
-from medusaforge.decoding.tree import default_tree, load_tree
+from medusaforge.decoding.adaptive import AdaptiveDrafting
+from medusaforge.decoding.cost import StepCost
+from medusaforge.decoding.tree import default_tree, load_tree, load_tree_metadata
 from medusaforge.drafters.medusa_proposer import prepare_heads
 from medusaforge.interop.importer import import_heads
 from medusaforge.models import load_base_model, load_tokenizer, resolve_device, resolve_dtype
@@ -43,6 +45,19 @@ def stop_token_ids(tokenizer, base) -> list[int]:
 def pick_tree(tree: Path | None, num_heads: int) -> list[list[int]]:
     """The tree file if given, else the shipped default. [] (NO_DRAFTING) means plain decoding."""
     return load_tree(tree) if tree is not None else default_tree(num_heads)
+
+
+def adaptive_drafting(tree: Path | None, enabled: bool = True) -> AdaptiveDrafting | None:
+    """The adaptive drafting rule for a decode run, or None when turned off. A tree file written by
+    `medusaforge tree` carries its fitted step cost; without one the decoder times its own steps."""
+    if not enabled:
+        return None
+    metadata = load_tree_metadata(tree) if tree is not None else {}
+    step_cost, plain_ms = metadata.get("step_cost"), metadata.get("plain_step_ms")
+    if isinstance(step_cost, dict) and plain_ms:
+        cost = StepCost(step_cost["fixed_ms"] / 1000, step_cost["per_node_ms"] / 1000)
+        return AdaptiveDrafting(cost, plain_ms / 1000)
+    return AdaptiveDrafting()
 
 
 def hf_greedy(base, input_ids: torch.Tensor, max_new_tokens: int, eos: list[int]) -> list[int]:
