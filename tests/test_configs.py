@@ -13,6 +13,7 @@ import yaml
 from medusaforge.cli import main
 from medusaforge.config import DTYPE_NAMES, config_from_args, option, parse_config
 from medusaforge.cli import parse_command
+from medusaforge.commands.train import DEFAULT_RECIPE, load_recipe
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -39,7 +40,8 @@ def test_config_loads_every_key_into_its_recipe(path):
         got = getattr(config, key.replace("-", "_"))
         assert (str(got) if isinstance(got, Path) else got) == value, key
     if command_of(path) == "train":
-        assert type(config).__name__ == {"medusa1": "Medusa1Config", "medusa2": "Medusa2Config"}[written.get("mode", "medusa1")]
+        recipe = written.get("mode", written.get("method", DEFAULT_RECIPE))
+        assert type(config) is load_recipe(recipe)[0]  # the recipe's own config class, not a catch-all
 
 
 @pytest.mark.parametrize(
@@ -84,3 +86,19 @@ def test_defaults_are_checked_too():
     with pytest.raises(ValueError, match="Broken default: option 'dtype': 'half'"):
         config_from_args(Broken, argparse.Namespace(config=None))
     assert parse_config(Broken, ["--dtype", "bf16"]).dtype == "bf16"
+
+
+def test_the_recipe_comes_from_the_flag_then_the_yaml_key(tmp_path):
+    from medusaforge.training.medusa1 import Medusa1Config
+    from medusaforge.training.medusa2 import Medusa2Config
+
+    path = tmp_path / "train.yaml"
+    path.write_text("method: medusa2\ndata: x.jsonl\nlora_rank: 4\n")
+    _, config, _ = parse_command(["train", "--config", str(path)])
+    assert type(config) is Medusa2Config and config.lora_rank == 4
+    path.write_text("mode: medusa2\ndata: x.jsonl\n")
+    _, config, _ = parse_command(["train", "--config", str(path), "--method", "medusa1"])
+    assert type(config) is Medusa1Config  # the flag wins over the file, as for every option
+    path.write_text("mode: medusa2\nmethod: medusa1\ndata: x.jsonl\n")
+    with pytest.raises(ValueError, match=f"{path}: 'mode' .* and 'method' .* disagree"):
+        parse_command(["train", "--config", str(path)])
