@@ -172,3 +172,23 @@ def test_eval_with_lookup_reports_accept_length_per_source(tmp_path):
     assert abs(sum(v["share"] for v in by_source.values()) - 1.0) < 1e-9
     mean = sum(v["steps"] * v["accept_length"] for v in by_source.values()) / result["verify_steps"]
     assert abs(mean - result["accept_length"]) < 1e-9
+
+
+def test_hybrid_puts_the_lookup_chain_first_only_after_a_long_enough_match():
+    from medusaforge.drafters.proposer import Verified
+
+    # Heads always propose 50 -> 51 (top-1 of head 0) and 52 (rank 1), 53 under 50 (head 1).
+    heads = MedusaProposer(None, [[0], [1], [0, 0]], candidates=lambda hidden, tokens: torch.tensor([[50, 52], [53, 54]]))
+    hybrid = HybridProposer(heads, LookupProposer(num_tokens=2, min_ngram=1, max_ngram=3), lookup_first_ngram=2)
+    prefill = Verified(start=0, tokens=[1, 2, 3, 9], next_token=1, hidden=torch.zeros(4, 8))
+    hybrid.update(prefill)
+    # ... 1 2 3 9 1 2: the 2-gram [1, 2] matched, so the chain 3 9 takes nodes 1-2 and the heads follow.
+    draft = hybrid.propose([1, 2, 3, 9, 1, 2], prefill)
+    assert draft.tokens.tolist() == [2, 3, 9, 50, 52, 53]
+    assert draft.parents == (-1, 0, 1, 0, 0, 3)
+    assert draft.sources == (3, 1, 1, 2, 2, 2)  # bit 0: lookup (listed first), bit 1: heads
+    # ... 7 9: only the 1-gram [9] matched, so the heads' tree keeps nodes 1-3 and the chain follows.
+    hybrid.update(prefill)
+    draft = hybrid.propose([1, 2, 3, 9, 1, 2, 7, 9], prefill)
+    assert draft.tokens.tolist() == [9, 50, 52, 53, 1, 2]
+    assert draft.parents == (-1, 0, 0, 1, 0, 4)
