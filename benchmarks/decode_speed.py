@@ -13,16 +13,28 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate, speculative_generate
-from medusaforge.decoding.loading import hf_greedy, hf_prompt_lookup, load_for_decoding, stop_token_ids
+from medusaforge.decoding.loading import adaptive_drafting, hf_greedy, hf_prompt_lookup, load_for_decoding, stop_token_ids
 from medusaforge.decoding.tree import default_tree, load_tree
 from medusaforge.drafters.eagle3_proposer import DynamicTree, find_eagle3_folder, load_eagle3_proposer
 from medusaforge.drafters.hybrid import accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
+
+
+def cpu_bf16_capability() -> str:
+    """The CPU flags that decide whether bf16 runs natively (else `--dtype auto` picks fp32)."""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "cpu flags: unknown (no /proc/cpuinfo)"
+    wanted = ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    return "cpu flags: " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted) + f"  -> native bf16: {'yes' if native else 'no'}"
 
 
 def main() -> None:
@@ -41,7 +53,10 @@ def main() -> None:
     parser.add_argument("--eagle-nodes", type=int, default=DynamicTree.num_nodes)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
+                        help="adaptive drafting in our rows (shrink or skip drafts that do not pay), as generate and eval do")
     args = parser.parse_args()
+    print(cpu_bf16_capability(), flush=True)
 
     tokenizer, base, heads = load_for_decoding(args.model, args.heads, args.dtype, args.device)
     eos = stop_token_ids(tokenizer, base)
@@ -50,11 +65,16 @@ def main() -> None:
     methods = {
         "hf greedy": lambda ids, n: hf_greedy(base, ids, n, eos),
         f"hf prompt lookup ({args.prompt_lookup_tokens})": lambda ids, n: hf_prompt_lookup(base, ids, n, eos, args.prompt_lookup_tokens),
-        f"medusa default tree ({len(default)} nodes)": lambda ids, n: medusa_generate(base, heads, ids, n, eos, default).tokens,
     }
+    # One rule per row: each keeps its own timings and acceptance window.
+    adaptive = {name: adaptive_drafting(tree_file, args.adaptive) for name, tree_file in (("default", None), ("searched", args.tree))}
+    methods[f"medusa default tree ({len(default)} nodes)"] = lambda ids, n: medusa_generate(
+        base, heads, ids, n, eos, default, adaptive=adaptive["default"]).tokens
     if args.tree:
         searched = load_tree(args.tree)
-        methods[f"medusa searched tree ({len(searched)} nodes)"] = lambda ids, n: medusa_generate(base, heads, ids, n, eos, searched).tokens
+        label = f"{len(searched)} nodes" if searched else "no drafting"
+        methods[f"medusa searched tree ({label})"] = lambda ids, n: medusa_generate(
+            base, heads, ids, n, eos, searched, adaptive=adaptive["searched"]).tokens
 
     eagle_accepted: list[int] = []
     if args.eagle3:
@@ -111,7 +131,8 @@ def main() -> None:
             identical[name] += out == reference
 
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
-    print(f"{len(encoded)} prompts ({args.prompts}), {args.max_new_tokens} new tokens, {dtype}, {torch.get_num_threads()} threads")
+    print(f"{len(encoded)} prompts ({args.prompts}), {args.max_new_tokens} new tokens, {dtype}, {torch.get_num_threads()} threads, "
+          f"adaptive drafting {'on' if args.adaptive else 'off'}")
     greedy_tps = tokens["hf greedy"] / seconds["hf greedy"]
     print(f"| {'method':<34} | {'tokens':>6} | {'tok/s':>6} | {'vs greedy':>9} | identical to greedy |")
     print(f"|{'-' * 36}|{'-' * 8}|{'-' * 8}|{'-' * 11}|{'-' * 21}|")
