@@ -40,3 +40,31 @@ def test_tree_from_measured_rank_paths():
     tree = grow_tree_from_frequencies(frequencies, 3)
     assert tree == [[0], [1], [0, 0]]  # most often accepted first; ties: shorter first, then lower ranks
     assert expected_accept_length_from_frequencies(tree, frequencies) == pytest.approx(2.0)
+
+
+def test_tree_command_writes_a_loadable_tree_with_its_fitted_cost(tmp_path):
+    from helpers import save_tiny_model, write_jsonl
+
+    from medusaforge.commands.tree import TreeSearchConfig, run
+    from medusaforge.decoding.loading import adaptive_drafting
+    from medusaforge.decoding.tree import load_tree, load_tree_metadata
+    from medusaforge.models import load_base_model, lm_head_of
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    base = load_base_model(model_dir, check=False)
+    torch.manual_seed(0)
+    heads = MedusaHeads(base.config.hidden_size, base.config.vocab_size, 2, 1, base_model=str(model_dir))
+    heads.init_from_base(lm_head_of(base).weight)
+    heads_dir = heads.save(tmp_path / "heads")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hello there"}, {"prompt": "What is the capital of France?"}])
+    out = tmp_path / "tree.json"
+    config = TreeSearchConfig(model=str(model_dir), heads=heads_dir, prompts=str(prompts), limit=2, calibration_tokens=12,
+                              sizes=[1, 2, 4], repeats=2, dtype="fp32", measure_prompts=0, out=out)
+    config.validate()
+    summary = run(config)
+    paths, metadata = load_tree(out), load_tree_metadata(out)
+    assert len(paths) == metadata["num_nodes"] == summary["chosen"]["nodes"]
+    assert [row["nodes"] for row in summary["sizes"]][0] == 0  # "no drafting" is always a candidate
+    assert metadata["step_cost"]["per_node_ms"] >= 0 and metadata["plain_step_ms"] > 0
+    rule = adaptive_drafting(out)
+    assert rule.given_cost.fixed == metadata["step_cost"]["fixed_ms"] / 1000
