@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medusaforge.decoding.decoder import medusa_generate, prepare_heads
+from medusaforge.decoding.decoder import medusa_generate
+from medusaforge.drafters.medusa_proposer import prepare_heads
 from medusaforge.drafters.medusa_heads import MedusaHeads
 from medusaforge.models import final_hidden_states, load_base_model, load_tokenizer
 from medusaforge.data.prompts import encode_prompt

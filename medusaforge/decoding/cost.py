@@ -41,22 +41,17 @@ def fit_step_cost(num_nodes: list[int], seconds: list[float]) -> StepCost:
     return StepCost(fixed, per_node)
 
 
-def tokens_per_second(accept_length: float, step_seconds: float) -> float:
-    """accept_length: tokens emitted per step, the base's own token included."""
-    return accept_length / step_seconds
-
-
 def choose_draft_size(expected_accept: dict[int, float], cost: StepCost, plain_seconds: float) -> int:
     """The number of candidate nodes with the most expected tokens per second; 0 is "no drafting",
     a plain step of `plain_seconds` emitting exactly one token. A draft must beat it strictly.
 
     expected_accept: {candidate nodes: expected tokens per step, the base's token included}.
     """
-    best, best_rate = 0, tokens_per_second(1.0, plain_seconds)
+    best, best_rate = 0, 1.0 / plain_seconds  # tokens per second
     for size in sorted(expected_accept):
         if size <= 0:
             continue
-        rate = tokens_per_second(expected_accept[size], cost(size))
+        rate = expected_accept[size] / cost(size)
         if rate > best_rate:
             best, best_rate = size, rate
     return best

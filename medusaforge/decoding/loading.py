@@ -43,7 +43,7 @@ def stop_token_ids(tokenizer, base) -> list[int]:
 
 
 def pick_tree(tree: Path | None, num_heads: int) -> list[list[int]]:
-    """The tree file if given, else the shipped default. [] (NO_DRAFTING) means plain decoding."""
+    """The tree file if given, else the shipped default. [] (from `medusaforge tree`) means plain decoding."""
     return load_tree(tree) if tree is not None else default_tree(num_heads)
 
 

@@ -100,9 +100,6 @@ def verify_attention_mask(buffers: TreeBuffers, prefix_length: int, dtype: torch
 
 # ---- tree files ------------------------------------------------------------------------------------
 
-NO_DRAFTING: list[list[int]] = []  # a tree file whose "paths" are empty: decode without drafting
-
-
 def default_tree(num_heads: int) -> list[list[int]]:
     """The tree shipped for `num_heads` heads (medusaforge/decoding/trees/default_{n}heads.json).
     Each file reaches depth n, so every head is used; past 5 heads the 5-head tree is used."""
@@ -113,7 +110,7 @@ def default_tree(num_heads: int) -> list[list[int]]:
 
 def load_tree(path: str | os.PathLike) -> list[list[int]]:
     """A tree from a JSON file: a list of paths or an object with a "paths" key.
-    An empty list (NO_DRAFTING) means `medusaforge tree` found that no draft beats plain decoding."""
+    An empty list means `medusaforge tree` found that no draft beats plain decoding."""
     path = Path(path)
     try:
         raw = json.loads(path.read_text())
@@ -150,9 +147,3 @@ def save_tree(paths, path: str | os.PathLike, **metadata) -> None:
     rows = [f"    {json.dumps(list(p))}" for p in (normalise_paths(paths) if paths else [])]
     body = "\n" + ",\n".join(rows) + "\n  " if rows else ""
     atomic_write_text(path, "{\n" + "".join(line + "\n" for line in lines) + '  "paths": [' + body + "]\n}\n")
-
-
-def check_tree_fits(paths, num_heads: int, source: str = "tree") -> None:
-    deepest = max((len(p) for p in paths), default=0)
-    if deepest > num_heads:
-        raise ValueError(f"{source}: has paths of depth {deepest} but the heads have only {num_heads} heads")
