@@ -243,3 +243,14 @@ def test_eval_generate_and_export_take_an_eagle3_drafter(tmp_path, capsys):
     assert config["eagle_aux_hidden_state_layer_ids"] == [0, 1, 1]
     assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [-1, 0, 0]
     assert "accept_length" in (tmp_path / "export" / "README.md").read_text()
+
+
+def test_a_bf16_draft_keeps_float32_rotary_frequencies():
+    from medusaforge.drafters.eagle3_proposer import prepare_draft
+
+    base = tiny_base("llama").to(torch.bfloat16)
+    draft = prepare_draft(random_draft(tiny_base("llama")), base)
+    assert draft.fc.weight.dtype == torch.bfloat16
+    reference = type(draft.rotary_emb)(draft.config)
+    assert draft.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(draft.rotary_emb.inv_freq, reference.inv_freq)

@@ -58,7 +58,13 @@ class _Node:
 def prepare_draft(draft: nn.Module, base: nn.Module) -> nn.Module:
     """The draft on the base's device and dtype, in eval mode, so a step does no conversions."""
     weight = base.get_input_embeddings().weight
-    return draft.to(device=weight.device, dtype=weight.dtype).eval()
+    draft.to(device=weight.device, dtype=weight.dtype).eval()
+    # .to(dtype) casts the rotary frequencies too. HF keeps them float32 in a bf16 model, as training
+    # computed them: in bf16 the angle at position 500 is off by up to ~2 radians. Recompute them.
+    fresh = type(draft.rotary_emb)(draft.config)
+    for name, buffer in fresh.named_buffers():
+        setattr(draft.rotary_emb, name, buffer.to(weight.device))
+    return draft
 
 
 class Eagle3Proposer:
