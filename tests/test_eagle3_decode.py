@@ -49,12 +49,23 @@ def cycle_base(kind: str) -> torch.nn.Module:
     return base
 
 
-def cycle_draft(base, right: bool) -> Eagle3Draft:
+def cycle_draft(base, right: bool, draft_vocab: int = VOCAB) -> Eagle3Draft:
     """A draft that adds nothing to its input either, so its output hidden is fc(features) = the
     embedding of the token u at the verified position, at every depth. Forced right, its top-3 are
     u+2, u+3, u+4: exactly the base's tokens at depth 1, 2 and 3 (rank d-1 at depth d), so long
-    paths are accepted only when the tree grows past the top-1 chain. Forced wrong: u+7, u+8, u+9."""
-    draft = random_draft(base)
+    paths are accepted only when the tree grows past the top-1 chain. Forced wrong: u+7, u+8, u+9.
+    With draft_vocab < VOCAB the draft predicts a scattered subset of tokens (the cycle's among them)
+    through d2t / t2d."""
+    torch.manual_seed(1)
+    draft = Eagle3Draft(draft_config_from_base(base.config, draft_vocab, FEATURES), base.get_input_embeddings()).eval()
+    target_of = torch.arange(VOCAB)  # draft id -> target id
+    if draft_vocab < VOCAB:
+        others = CYCLE + torch.randperm(VOCAB - CYCLE)[: draft_vocab - CYCLE]
+        target_of = torch.cat([torch.sort(others).values, torch.arange(CYCLE)])  # cycle tokens last: d2t != 0
+        t2d = torch.zeros(VOCAB, dtype=torch.bool)
+        t2d[target_of] = True
+        draft.set_vocab(target_of - torch.arange(draft_vocab), t2d)
+    draft_id = {int(t): d for d, t in enumerate(target_of.tolist())}
     embed = base.model.embed_tokens.weight[:CYCLE]
     shift = 2 if right else 7
     with torch.no_grad():
@@ -64,7 +75,8 @@ def cycle_draft(base, right: bool) -> Eagle3Draft:
         draft.fc.weight[:, :HIDDEN] = torch.eye(HIDDEN)  # the first feature layer: still the embedding here
         draft.lm_head.weight.zero_()
         for rank, weight in enumerate((3.0, 2.99, 2.98)):  # near ties: the tree keeps all three ranks
-            draft.lm_head.weight[(torch.arange(CYCLE) + shift + rank) % CYCLE] += weight * embed
+            rows = [draft_id[(u + shift + rank) % CYCLE] for u in range(CYCLE)]
+            draft.lm_head.weight[rows] += weight * embed
     return draft
 
 
@@ -82,11 +94,11 @@ def test_greedy_equals_generate_with_a_random_draft(kind):
         assert max(result.drafted) == 10
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind,draft_vocab", [("llama", VOCAB), ("qwen2", VOCAB), ("llama", 40)])
 @pytest.mark.parametrize("right", [True, False])
-def test_greedy_equals_generate_with_the_draft_forced_right_or_wrong(kind, right):
+def test_greedy_equals_generate_with_the_draft_forced_right_or_wrong(kind, draft_vocab, right):
     base = cycle_base(kind)
-    proposer = Eagle3Proposer(cycle_draft(base, right), DynamicTree(topk=3, depth=4, num_nodes=21))
+    proposer = Eagle3Proposer(cycle_draft(base, right, draft_vocab), DynamicTree(topk=3, depth=4, num_nodes=21))
     prompt = [3, 4, 5]
     result = decode(base, proposer, prompt, max_new_tokens=30)
     expected = hf_greedy(base, torch.tensor(prompt), 30, [])
