@@ -115,23 +115,27 @@ def verify_step(
     hidden = hidden[0]  # [N, hidden]
     logits = lm_head(hidden)  # [N, V]
 
-    retrieve = buffers.retrieve_indices.clamp(min=0)  # [L, D + 1]; pads point at the root ...
-    path_tokens = tokens[retrieve].masked_fill(buffers.retrieve_indices < 0, -1)  # ... and never match
-    if temperature <= 0:
-        choice = logits.argmax(dim=-1)  # [N] the base's own next token after each node
-        path, accepted = best_path(accepted_lengths(path_tokens, choice[retrieve]))
-    elif not speculative:
-        path_logits = logits[retrieve]  # [L, D + 1, V]
-        lengths = typical_accepted_lengths(path_tokens, path_logits, temperature, typical_epsilon, typical_alpha)
-        path, accepted = typical_best_path(lengths, path_tokens, path_logits, temperature)
-    if temperature > 0 and speculative:
-        path_nodes, next_token = tree_accept(tokens, torch.tensor(draft.parents), target_distribution(logits, temperature), None, generator)
-        nodes = torch.tensor(path_nodes, device=tokens.device)
+    if draft.num_nodes == 1:  # a plain step: nothing to accept and nothing to compact
+        nodes = buffers.retrieve_indices[0, :1]
+        next_token = sample(logits[0], temperature, generator)
     else:
-        nodes = buffers.retrieve_indices[path, : accepted + 1]  # root first, increasing
-        last = nodes[-1]
-        next_token = choice[last] if temperature <= 0 else sample(logits[last], temperature, generator)
-    keep_cache_entries(cache, prefix_length, nodes)
+        retrieve = buffers.retrieve_indices.clamp(min=0)  # [L, D + 1]; pads point at the root ...
+        path_tokens = tokens[retrieve].masked_fill(buffers.retrieve_indices < 0, -1)  # ... and never match
+        if temperature <= 0:
+            choice = logits.argmax(dim=-1)  # [N] the base's own next token after each node
+            path, accepted = best_path(accepted_lengths(path_tokens, choice[retrieve]))
+        elif not speculative:
+            path_logits = logits[retrieve]  # [L, D + 1, V]
+            lengths = typical_accepted_lengths(path_tokens, path_logits, temperature, typical_epsilon, typical_alpha)
+            path, accepted = typical_best_path(lengths, path_tokens, path_logits, temperature)
+        if temperature > 0 and speculative:
+            path_nodes, next_token = tree_accept(tokens, torch.tensor(draft.parents), target_distribution(logits, temperature), None, generator)
+            nodes = torch.tensor(path_nodes, device=tokens.device)
+        else:
+            nodes = buffers.retrieve_indices[path, : accepted + 1]  # root first, increasing
+            last = nodes[-1]
+            next_token = choice[last] if temperature <= 0 else sample(logits[last], temperature, generator)
+        keep_cache_entries(cache, prefix_length, nodes)
     return Verified(
         start=prefix_length,
         tokens=tokens[nodes].tolist(),
