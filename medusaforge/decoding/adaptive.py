@@ -14,6 +14,7 @@ greedy decoding stays identical to plain greedy decoding.
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 
 from medusaforge.decoding.cost import StepCost, choose_draft_size, fit_step_cost
@@ -93,8 +94,10 @@ class AdaptiveDrafting:
     def cost(self) -> tuple[StepCost | None, float | None]:
         if self.given_cost is not None:
             return self.given_cost, self.given_plain
-        sizes = [n for n, times in self.timings.items() for _ in times]
-        if len(set(sizes)) < 2:
+        if len(self.timings) < 2:
             return None, None
-        fitted = fit_step_cost(sizes, [t for times in self.timings.values() for t in times])
+        # One point per size, its median: merged drafts (lookup) come in many sizes, and the fit is
+        # quadratic in its points; the median already discounts a size's odd slow step.
+        sizes = sorted(self.timings)
+        fitted = fit_step_cost(sizes, [statistics.median(self.timings[n]) for n in sizes])
         return fitted, fitted(0)
