@@ -60,6 +60,14 @@ def test_a_bad_choice_in_yaml_names_the_key_and_the_file(tmp_path, capsys, yaml_
     assert f"{path}: option '{key}': '{bad}' is not one of:" in err, err
 
 
+def test_every_command_checks_yaml_choices(tmp_path):
+    # The third case: `format: VLLM` used to export the original layout without a word.
+    path = tmp_path / "export.yaml"
+    path.write_text("heads: runs/heads\nout: runs/export\nformat: VLLM\n")
+    with pytest.raises(ValueError, match=f"{path}: option 'format': 'VLLM' is not one of: vllm"):
+        parse_command(["export", "--config", str(path)])
+
+
 def test_the_same_bad_value_as_a_flag_gets_the_same_check(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--data", "x.jsonl", "--dtype", "half"])
