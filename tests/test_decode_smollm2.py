@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medusaforge.decoding.adaptive import AdaptiveDrafting
 from medusaforge.decoding.decoder import medusa_generate
 from medusaforge.drafters.medusa_proposer import prepare_heads
 from medusaforge.drafters.medusa_heads import MedusaHeads
@@ -54,3 +55,7 @@ def test_smollm2_medusa_greedy_is_identical_to_generate():
         assert result.tokens == reference.tolist()
     # the first prompt is the one the heads were fitted on: several tokens per step
     assert sum(results[0].accept_lengths) / results[0].num_steps > 1.5
+    # adaptive drafting (timing its own steps) may shrink or skip drafts, never change a token
+    adaptive = AdaptiveDrafting()
+    for ids, reference in zip(encoded, expected):
+        assert medusa_generate(base, heads, ids, 40, eos, tree, adaptive=adaptive).tokens == reference.tolist()
