@@ -266,3 +266,38 @@ def test_a_bf16_draft_keeps_float32_rotary_frequencies():
     reference = type(draft.rotary_emb)(draft.config)
     assert draft.rotary_emb.inv_freq.dtype == torch.float32
     assert torch.equal(draft.rotary_emb.inv_freq, reference.inv_freq)
+
+
+def test_tree_search_chooses_an_eagle_tree_that_generate_and_eval_read(tmp_path):
+    import json
+
+    from medusaforge.cli import main
+    from medusaforge.decoding.eagle_tree_search import load_eagle_tree
+    from medusaforge.models import load_base_model
+    from tests.helpers import save_tiny_model, write_jsonl
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    base = load_base_model(model_dir, check=False)
+    torch.manual_seed(0)
+    Eagle3Draft(draft_config_from_base(base.config, 64, (0, 1, 1)), base.get_input_embeddings()).save(tmp_path / "run" / "draft")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hello there"}, {"prompt": "The capital of France?"}])
+    out = tmp_path / "tree.json"
+    result = main(["tree", "--model", str(model_dir), "--drafter", str(tmp_path / "run"), "--prompts", str(prompts),
+                   "--calibration-tokens", "8", "--sizes", "1", "2", "4", "--repeats", "2", "--eagle-topks", "2",
+                   "--eagle-depths", "2", "3", "--dtype", "fp32", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [(row["topk"], row["depth"]) for row in saved["search"]["rows"]] == [(2, 2), (2, 3)]
+    assert all(set(row["expected_accept_length"]) <= {"1", "2", "4"} for row in saved["search"]["rows"])
+    chosen = load_eagle_tree(out)
+    assert (chosen is None) == (saved["eagle"] is None)
+    # Whatever was chosen (a tree, or no drafting), eval decodes with it and stays identical.
+    main(["eval", "--model", str(model_dir), "--drafter", str(tmp_path / "run"), "--prompts", str(prompts),
+          "--max-new-tokens", "8", "--dtype", "fp32", "--warmup-tokens", "2", "--json", str(tmp_path / "eval.json"),
+          "--tree", str(out)])
+    assert json.loads((tmp_path / "eval.json").read_text())["identical"] is True
+    # A forced choice reads back as a DynamicTree.
+    (tmp_path / "forced.json").write_text(json.dumps({"eagle": {"topk": 2, "depth": 3, "num_nodes": 4}}))
+    assert load_eagle_tree(tmp_path / "forced.json") == DynamicTree(2, 3, 4)
+    (tmp_path / "medusa.json").write_text(json.dumps({"paths": [[0]]}))
+    with pytest.raises(ValueError, match="not an EAGLE-3 tree file"):
+        load_eagle_tree(tmp_path / "medusa.json")

@@ -20,6 +20,7 @@ from medusaforge.config import config_to_dict, option
 from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
 from medusaforge.decoding.decoder import DecodeResult, medusa_generate, speculative_generate
 from medusaforge.decoding.loading import adaptive_drafting, hf_greedy, load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.decoding.eagle_tree_search import load_eagle_tree
 from medusaforge.drafters.eagle3_proposer import DynamicTree, find_eagle3_folder, load_eagle3_for_decoding
 from medusaforge.drafters.hybrid import accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
@@ -40,7 +41,7 @@ class EvalConfig:
     eagle_depth: int = option(DynamicTree.depth, "EAGLE-3 tree: draft steps at most")
     eagle_nodes: int = option(DynamicTree.num_nodes, "EAGLE-3 tree: candidate nodes verified per step")
     max_new_tokens: int = option(128, "tokens to generate per prompt")
-    tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count")
+    tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count; with an EAGLE-3 --drafter: the file `tree --drafter` wrote")
     adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
     lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
     lookup_tokens: int = option(8, "with --lookup: tokens per lookup chain")
@@ -111,9 +112,12 @@ def run(config: EvalConfig) -> dict:
     if eagle3 is not None:
         if config.lookup:
             raise ValueError("--lookup merges into the heads' tree; it does not combine with an EAGLE-3 --drafter")
-        eagle_tree = DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes)
+        # --tree: what `medusaforge tree --drafter` chose (None there: no draft beats a plain step)
+        eagle_tree = load_eagle_tree(config.tree) if config.tree else DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes)
         tokenizer, base, proposer = load_eagle3_for_decoding(config.model, eagle3, config.dtype, config.device, eagle_tree)
-        tree, depth = {"topk": eagle_tree.topk, "depth": eagle_tree.depth, "num_nodes": eagle_tree.num_nodes}, eagle_tree.depth
+        proposer = proposer if eagle_tree is not None else None
+        tree = {"topk": eagle_tree.topk, "depth": eagle_tree.depth, "num_nodes": eagle_tree.num_nodes} if eagle_tree else {}
+        depth = eagle_tree.depth if eagle_tree else 0
     else:
         heads_dir = config.drafter or config.heads
         tokenizer, base, heads = load_for_decoding(config.model, heads_dir, config.dtype, config.device, config.allow_other_base)

@@ -12,6 +12,7 @@ from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate, speculative_generate
 from medusaforge.decoding.loading import adaptive_drafting, load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.decoding.eagle_tree_search import load_eagle_tree
 from medusaforge.drafters.eagle3_proposer import DynamicTree, find_eagle3_folder, load_eagle3_for_decoding
 from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.models import DEFAULT_MODEL
@@ -26,7 +27,7 @@ class GenerateConfig:
     prompt: str = option("", "prompt text (rendered with the chat template)")
     prompts: str = option("", "instead of --prompt: a prompts file (.jsonl / .txt), 'mt-bench' or 'copy-heavy'")
     limit: int = option(0, "with --prompts: use only the first N (0 = all)")
-    tree: Path | None = option(None, "tree JSON (a list of paths); default: the shipped tree for the head count")
+    tree: Path | None = option(None, "tree JSON (a list of paths); default: the shipped tree for the head count; with an EAGLE-3 --drafter: the file `tree --drafter` wrote")
     lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
     lookup_tokens: int = option(8, "with --lookup: tokens per lookup chain")
     adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
@@ -62,8 +63,10 @@ def run(config: GenerateConfig) -> None:
     if eagle3 is not None:
         if config.lookup:
             raise ValueError("--lookup merges into the heads' tree; it does not combine with an EAGLE-3 --drafter")
-        tree = DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes)
+        # --tree: what `medusaforge tree --drafter` chose (None there: no draft beats a plain step)
+        tree = load_eagle_tree(config.tree) if config.tree else DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes)
         tokenizer, base, proposer = load_eagle3_for_decoding(config.model, eagle3, config.dtype, config.device, tree)
+        proposer = proposer if tree is not None else None
     else:
         heads_dir = config.drafter or config.heads
         tokenizer, base, heads = load_for_decoding(config.model, heads_dir, config.dtype, config.device, config.allow_other_base)

@@ -18,6 +18,7 @@ import torch
 from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate
+from medusaforge.decoding.eagle_tree_search import run_search
 from medusaforge.decoding.loading import hf_greedy, load_for_decoding, stop_token_ids
 from medusaforge.decoding.tree import save_tree
 from medusaforge.decoding.tree_search import (
@@ -28,6 +29,7 @@ from medusaforge.decoding.tree_search import (
     time_steps,
     truth_ranks,
 )
+from medusaforge.drafters.eagle3_proposer import find_eagle3_folder
 from medusaforge.models import DEFAULT_MODEL
 
 
@@ -48,6 +50,10 @@ class TreeSearchConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     out: Path = option(Path("tree.json"), "where to write the chosen tree")
     allow_other_base: bool = option(False, "use heads trained against different base weights")
+    drafter: Path | None = option(None, "an EAGLE-3 draft folder instead of --heads: search its dynamic tree's top-k, "
+                                        "depth and node count (--sizes) for tokens per second")
+    eagle_topks: list[int] = option([4, 8], "with an EAGLE-3 --drafter: top-k values to try")
+    eagle_depths: list[int] = option([3, 5], "with an EAGLE-3 --drafter: depths to try")
 
     def validate(self) -> None:
         if self.prompts is None:
@@ -55,6 +61,10 @@ class TreeSearchConfig:
 
 
 def run(config: TreeSearchConfig) -> dict:
+    eagle3 = find_eagle3_folder(config.drafter)
+    if eagle3 is not None:
+        return run_search(config.model, eagle3, config.prompts, config.limit, config.calibration_tokens, config.eagle_topks,
+                          config.eagle_depths, config.sizes, config.repeats, config.dtype, config.device, config.out)
     tokenizer, base, heads = load_for_decoding(config.model, config.heads, config.dtype, config.device, config.allow_other_base)
     eos = stop_token_ids(tokenizer, base)
     chats = load_prompts(config.prompts, config.limit)

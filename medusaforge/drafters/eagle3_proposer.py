@@ -99,6 +99,7 @@ class Eagle3Proposer:
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], verified: Verified) -> DraftTree:
+        self.cache.crop(self.committed)  # a previous tree's entries, if propose runs twice (tree timing)
         k = min(self.tree.topk, self.draft.config.draft_vocab_size)
         root_position = self.committed - 1  # the entry (feature at p, root) sits at p = committed - 1
         nodes = self._children(self.last_hidden[None], [-1], [0.0], [0], k)
