@@ -195,17 +195,32 @@ def train(config: Medusa2Config) -> dict:
     metrics_file.close()
     elapsed = time.perf_counter() - started
     teacher = None  # frees the full-fine-tuning copy before the merged model is saved
-    return finish(config, out, base, peft_model, heads, tokenizer, original_name, data, train_indices, eval_indices,
-                  guard, quality_before, autocast, total_steps, skipped_steps, elapsed)
+
+    # ---- save, then evaluate: heads on the new base, and the base against its former self ----
+    merged, merged_dir, adapter = save_outputs(config, out, base, peft_model, heads, tokenizer, original_name)
+    source = OnlineBatches(merged, data, tokenizer.pad_token_id)
+    held_out = evaluate_heads(heads, source, eval_indices, config.batch_size, device, autocast, config.chunk_size) if eval_indices else None
+    quality = quality_report(quality_before, base_quality(merged, *guard)) if quality_before is not None else None
+    summary = {
+        "mode": "medusa2", "model": original_name, "merged_model": str(merged_dir) if merged_dir is not None else None,
+        "adapter": adapter, "base_train": config.base_train, "base_loss": config.base_loss, "data": str(config.data),
+        "num_heads": num_heads, "num_layers": heads.config.num_layers, "steps": total_steps,
+        "train_conversations": len(train_indices), "eval_conversations": len(eval_indices), "train_seconds": round(elapsed, 1),
+        "invalid_records_skipped": data.num_invalid, "nonfinite_steps_skipped": skipped_steps, "held_out": held_out, "base_quality": quality,
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print_result(summary, out, len(eval_indices))
+    return summary
 
 
-def finish(config, out, base, peft_model, heads, tokenizer, original_name, data, train_indices, eval_indices,
-           guard, quality_before, autocast, total_steps, skipped_steps, elapsed) -> dict:
-    """Save the adapters, the merged base, and heads stamped with the merged base's fingerprint;
-    then evaluate the heads on the new base, and the base against its former self."""
+def save_outputs(config, out: Path, base, peft_model, heads, tokenizer, original_name: str):
+    """Save the adapters, the merged base (with --merge, or always when trained fully), and the
+    heads stamped with the merged base's fingerprint. -> (merged model, its folder or None, adapter folder or None)."""
     base.eval()
     heads.eval()
+    adapter = None
     if peft_model is not None:
+        adapter = str(out / "adapter")
         with staging_directory(out / "adapter") as staging:
             peft_model.save_pretrained(staging)
         merged = peft_model.merge_and_unload()  # folds B @ A * alpha / r into the base weights
@@ -217,26 +232,17 @@ def finish(config, out, base, peft_model, heads, tokenizer, original_name, data,
         save_model_folder(merged, tokenizer, merged_dir)
     heads.config.base_fingerprint = base_fingerprint(merged)
     heads.config.base_model = str(merged_dir.resolve()) if merged_dir is not None else original_name
-    adapter = str(out / "adapter") if peft_model is not None else None
     heads.config.extra = {**heads.config.extra, "medusa2": {"original_base": original_name, "base_train": config.base_train, "adapter": adapter}}
     heads.save(out / "heads")
+    return merged, merged_dir, adapter
 
-    device = next(merged.parameters()).device
-    source = OnlineBatches(merged, data, tokenizer.pad_token_id)
-    held_out = evaluate_heads(heads, source, eval_indices, config.batch_size, device, autocast, config.chunk_size) if eval_indices else None
-    quality = quality_report(quality_before, base_quality(merged, *guard)) if quality_before is not None else None
-    summary = {
-        "mode": "medusa2", "model": original_name, "merged_model": str(merged_dir) if merged_dir is not None else None,
-        "adapter": adapter, "base_train": config.base_train, "base_loss": config.base_loss, "data": str(config.data),
-        "num_heads": heads.num_heads, "num_layers": heads.config.num_layers, "steps": total_steps,
-        "train_conversations": len(train_indices), "eval_conversations": len(eval_indices), "train_seconds": round(elapsed, 1),
-        "invalid_records_skipped": data.num_invalid, "nonfinite_steps_skipped": skipped_steps, "held_out": held_out, "base_quality": quality,
-    }
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if skipped_steps:
-        print(f"warning: {skipped_steps} of {total_steps} steps were skipped for a NaN/inf loss or gradient", file=sys.stderr)
+
+def print_result(summary: dict, out: Path, num_eval: int) -> None:
+    skipped, held_out, quality, merged_dir = summary["nonfinite_steps_skipped"], summary["held_out"], summary["base_quality"], summary["merged_model"]
+    if skipped:
+        print(f"warning: {skipped} of {summary['steps']} steps were skipped for a NaN/inf loss or gradient", file=sys.stderr)
     if held_out is not None:
-        print(f"held-out head accuracy on the trained base ({len(eval_indices)} conversations): {format_held_out(held_out)}")
+        print(f"held-out head accuracy on the trained base ({num_eval} conversations): {format_held_out(held_out)}")
     if quality is not None:
         print(
             f"base quality on {quality['num_tokens']} held-out tokens: perplexity {quality['perplexity_before']:.4f} -> "
@@ -250,4 +256,3 @@ def finish(config, out, base, peft_model, heads, tokenizer, original_name, data,
     else:
         print(f"heads saved to {out / 'heads'}, LoRA adapters to {out / 'adapter'}; the heads belong to the merged "
               "model, so pass --merge to get a folder that decoding loads")
-    return summary
