@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from medusaforge.decoding.decoder import speculative_generate
 from medusaforge.decoding.loading import hf_greedy
 from medusaforge.decoding.verify import new_cache, prefill, verify_step
 from medusaforge.drafters.eagle3 import DraftKVCache, Eagle3Draft, draft_config_from_base
-from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer
+from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer, load_eagle3_proposer
 from medusaforge.interop.eagle3_layout import export_eagle3
-from medusaforge.drafters.eagle3_proposer import load_eagle3_proposer
 
 VOCAB, HIDDEN, LAYERS, CYCLE = 256, 32, 4, 16
 FEATURES = (1, 2, 3)
@@ -301,3 +301,44 @@ def test_tree_search_chooses_an_eagle_tree_that_generate_and_eval_read(tmp_path)
     (tmp_path / "medusa.json").write_text(json.dumps({"paths": [[0]]}))
     with pytest.raises(ValueError, match="not an EAGLE-3 tree file"):
         load_eagle_tree(tmp_path / "medusa.json")
+
+
+@pytest.mark.slow
+def test_smollm2_eagle3_greedy_is_identical_to_generate():
+    """The real SmolLM2-135M-Instruct in fp32 with a draft fitted for a few steps to the base's own
+    continuation of one prompt: multi-token acceptance happens, and the output equals generate()."""
+    from medusaforge.data.prompts import encode_prompt
+    from medusaforge.drafters.eagle3_proposer import prepare_draft
+    from medusaforge.models import load_base_model, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    base = load_base_model("smollm2-135m-instruct", dtype=torch.float32)
+    eos = [tokenizer.eos_token_id]
+    prompts = ["Write a haiku about the sea.", "List three uses of a paper clip."]
+    encoded = [encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+    expected = [hf_greedy(base, ids, 40, eos) for ids in encoded]
+
+    draft = Eagle3Draft(draft_config_from_base(base.config, base.config.vocab_size), base.get_input_embeddings())
+    sequence = torch.cat([encoded[0], torch.tensor(expected[0])])[None]
+    with torch.no_grad():
+        fused_input = draft.select_features(base(sequence, output_hidden_states=True).hidden_states)
+    optimizer = torch.optim.Adam(draft.parameters(), lr=3e-3)
+    start, steps = len(encoded[0]) - 2, 3
+    for _ in range(40):  # step k at position i predicts token i + 2 + k (the draft docstring's alignment)
+        hiddens = draft.unroll(sequence, draft.fuse(fused_input), steps)
+        loss = sum(
+            F.cross_entropy(draft.logits(h[0, start : sequence.shape[1] - 2 - k]), sequence[0, start + 2 + k :])
+            for k, h in enumerate(hiddens)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    proposer = Eagle3Proposer(prepare_draft(draft, base), DynamicTree(topk=4, depth=4, num_nodes=12))
+    accepted = []
+    for ids, reference in zip(encoded, expected):
+        result = speculative_generate(base, proposer, ids, 40, eos)
+        assert result.tokens == reference
+        accepted += result.accepted
+    assert max(accepted) >= 2
