@@ -90,6 +90,9 @@ def vllm_load(config: dict, tensors: dict, base_num_layers: int) -> tuple[int, .
     """vllm/model_executor/models/llama_eagle3.py: Eagle3LlamaForCausalLM.__init__ / load_weights
     and LlamaModel.load_weights; registry.py maps LlamaForCausalLMEagle3 to it; aux layers from
     eagle3_utils.get_eagle3_aux_layers_from_config, captured in llama.py before layer idx runs.
+    Checked against vLLM 0.32 as installed in .venv-vllm (same files), which makes
+    draft_id_to_target_id only for a truncated draft vocabulary, and whose gpu_model_runner falls
+    back to the nested eagle_config ids as-is.
     -> the HF hidden_states indices vLLM feeds to fc."""
     assert config["architectures"][0] in ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
     assert config["num_hidden_layers"] == 1  # layer 0 takes 2H; further layers would need weights here
@@ -97,7 +100,9 @@ def vllm_load(config: dict, tensors: dict, base_num_layers: int) -> tuple[int, .
     s = shapes(config)
     draft_vocab = config.get("draft_vocab_size") or config["vocab_size"]
     params = {"model.embed_tokens.weight": s["embed"], "model.norm.weight": s["norm"], "lm_head.weight": (draft_vocab, config["hidden_size"]),
-              "draft_id_to_target_id": (draft_vocab,), **layer_params("model.layers.0", s)}
+              **layer_params("model.layers.0", s)}
+    if draft_vocab != config["vocab_size"]:
+        params["draft_id_to_target_id"] = (draft_vocab,)
     if (config.get("eagle_config") or {}).get("use_aux_hidden_state", True):
         params["model.fc.weight"] = s["fc"]
     loaded: dict = {}
@@ -114,10 +119,13 @@ def vllm_load(config: dict, tensors: dict, base_num_layers: int) -> tuple[int, .
     assert set(params) - set(loaded) <= {"model.embed_tokens.weight"}, set(params) - set(loaded)
     assert loaded["model.layers.0.self_attn.qkv_proj.weight"] == {"q", "k", "v"}
     assert loaded["model.layers.0.mlp.gate_up_proj.weight"] == {0, 1}
-    # compute_logits: logits_new[:, arange(draft_vocab) + d2t] = logits
-    targets = torch.arange(draft_vocab) + tensors["d2t"]
-    assert 0 <= int(targets.min()) and int(targets.max()) < config["vocab_size"]
-    ids = config.get("eagle_aux_hidden_state_layer_ids") or (2, base_num_layers // 2, base_num_layers - 3)
+    if "draft_id_to_target_id" in params:
+        assert "draft_id_to_target_id" in loaded, "a truncated draft vocabulary without d2t"
+        # compute_logits: logits_new[:, arange(draft_vocab) + d2t] = logits
+        targets = torch.arange(draft_vocab) + tensors["d2t"]
+        assert 0 <= int(targets.min()) and int(targets.max()) < config["vocab_size"]
+    nested = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    ids = config.get("eagle_aux_hidden_state_layer_ids") or nested or (2, base_num_layers // 2, base_num_layers - 3)
     assert all(0 <= i < base_num_layers for i in ids), "a layer id vLLM never captures"
     return tuple(ids)
 
@@ -299,3 +307,24 @@ def test_imports_the_training_output_folder(tmp_path):
     assert back.feature_layers == FEATURES
     for name, tensor in draft.state_dict().items():
         assert torch.equal(tensor, back.state_dict()[name]), name
+
+
+def test_a_full_vocabulary_draft_is_written_without_maps(tmp_path):
+    base = tiny_llama(VOCAB, hidden_size=HIDDEN)
+    base.config.num_hidden_layers = BASE_LAYERS
+    torch.manual_seed(0)
+    draft = Eagle3Draft(draft_config_from_base(base.config, VOCAB, FEATURES), base.get_input_embeddings())
+    config, tensors = read_layout(export_eagle3(draft, tmp_path / "full", base_num_layers=BASE_LAYERS))
+    assert "d2t" not in tensors and "t2d" not in tensors
+    assert vllm_load(config, tensors, BASE_LAYERS) == FEATURES
+    assert sglang_load(config, tensors, BASE_LAYERS)[1] is None
+    with pytest.raises(AssertionError, match="no parameter draft_id_to_target_id"):
+        vllm_load(config, {**tensors, "d2t": torch.zeros(VOCAB, dtype=torch.int64)}, BASE_LAYERS)
+    back = import_eagle3(tmp_path / "full", base.get_input_embeddings(), base_num_layers=BASE_LAYERS)
+    for name, tensor in draft.state_dict().items():
+        assert torch.equal(tensor, back.state_dict()[name]), name
+    # Rows in another order come out in base-id order, computing the same logits per base token.
+    shuffled = torch.randperm(VOCAB)
+    draft.set_vocab(shuffled - torch.arange(VOCAB), torch.ones(VOCAB, dtype=torch.bool))
+    _, tensors = read_layout(export_eagle3(draft, tmp_path / "shuffled", base_num_layers=BASE_LAYERS))
+    assert torch.equal(tensors["lm_head.weight"][shuffled], draft.lm_head.weight.detach())

@@ -20,6 +20,11 @@ NOTE for drafters/eagle3.py (E2 -> E1, checked against the loaders above):
   * parameter names and shapes: identical to what both loaders read; nothing to rename.
   * the residual is the un-normed hidden input, the fed-back hidden is the pre-norm layer output:
     as vLLM's default (norm_before_residual false) and SGLang's. Matches eagle3.py.
+  * a full-vocabulary draft is written without d2t / t2d: vLLM 0.32 (installed in .venv-vllm) makes
+    its draft_id_to_target_id parameter only when draft_vocab_size != the target's vocabulary size,
+    and its weight loader refuses a d2t it has no parameter for.
+  * vLLM 0.32's gpu_model_runner reads the nested eagle_config ids as-is when the top-level key is
+    missing: one layer off from SGLang's reading of the same key. Writing the top-level key avoids it.
   * the two engines number the feature layers differently, and neither as eagle3.py's config does:
       vLLM reads the top-level `eagle_aux_hidden_state_layer_ids` and captures the residual stream
       *entering* layer j, which is HF output_hidden_states[j]: same numbers as eagle3.py.
@@ -135,6 +140,15 @@ def engine_tensors(draft: nn.Module, dtype: torch.dtype | None = None) -> dict[s
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         tensors[name] = tensor.contiguous()
+    if len(tensors["d2t"]) == len(tensors["t2d"]):
+        # A full-vocabulary draft: vLLM 0.32 has no draft_id_to_target_id parameter then and refuses a
+        # d2t tensor, so the maps are left out (SGLang and our import read that as the identity).
+        # Rows in another order are put in base-id order first: logits[target] = logits[draft].
+        targets = torch.arange(len(tensors["d2t"])) + tensors.pop("d2t")
+        tensors.pop("t2d")
+        order = torch.empty_like(targets)
+        order[targets] = torch.arange(len(targets))
+        tensors["lm_head.weight"] = tensors["lm_head.weight"][order].contiguous()
     return tensors
 
 
