@@ -26,7 +26,10 @@ t_{i+2}, i.e. they are trained against the base's own distribution at position i
 Feature layers are indices into HF's `output_hidden_states` tuple (index 0 = embeddings, index j =
 output of decoder layer j-1). The default (2, L//2, L-3) equals vLLM's / SpecForge's
 `eagle_aux_hidden_state_layer_ids`, which capture the residual stream *before* layer j runs, i.e.
-the same tensor as HF index j. For SmolLM2-135M (L = 30): (2, 15, 27).
+the same tensor as HF index j. For SmolLM2-135M (L = 30): (2, 15, 27). This module's own
+config.json keeps these HF indices under `eagle_config`; SGLang/SpecForge read that key as
+output-of-layer ids (HF index - 1), so serve a draft through interop/eagle3_layout's export, which
+writes each engine's numbering. The last HF index (L) is post-norm and no engine can capture it.
 
 API (B = batch, S = new positions, T = cached positions, H = hidden):
   config = draft_config_from_base(base.config, draft_vocab_size, feature_layers=None)
