@@ -2,6 +2,10 @@
 
   medusaforge export --heads runs/demo/heads --format vllm --out runs/demo/heads-vllm
   medusaforge export --heads runs/demo/heads --format medusa --out runs/demo/heads-medusa --eval-json runs/demo/eval.json
+  medusaforge export --heads runs/eagle3 --out runs/eagle3-export --model smollm2   # an EAGLE-3 draft: its one layout
+
+An EAGLE-3 folder (train --method eagle3's OUT or OUT/draft, SpecForge's) is recognised by itself and
+written in the layout SpecForge produces and vLLM and SGLang load (interop/eagle3_layout.py).
 
 The conversion itself is interop.layouts.to_vllm / to_medusa; this file loads (any layout, through
 interop.importer.import_heads), writes through medusaforge.files (a staging folder that replaces
