@@ -24,7 +24,7 @@ EVAL_KEYS = {
 TRTLLM_EXAMPLE = "https://github.com/NVIDIA/TensorRT-LLM/tree/v0.21.0/examples/medusa"
 TRTLLM_REMOVED = ("TensorRT-LLM removed Medusa in 2026: `examples/medusa` was deleted and the TensorRT engine "
                   "backend it needs was removed, so current releases cannot serve these heads. Pin a release from "
-                  "before July 2026 (the 0.x line up to v0.21.0, or 1.x up to 1.2) to use its converter.")
+                  "before July 2026 (the last we can name is v1.2.1; the 0.x line up to v0.21.0 also carries it).")
 
 
 def read_eval_json(path: str | Path) -> dict:
