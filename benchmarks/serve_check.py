@@ -43,8 +43,9 @@ def cpu_bf16_flags() -> list[str]:
     return sorted(flags & {"avx512_bf16", "amx_bf16", "avx512f", "amx_tile"})
 
 
-def default_dtype() -> str:
-    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(cpu_bf16_flags()) else "float32"
+def default_dtype(flags: list[str]) -> str:
+    """bfloat16 with native bf16 matmuls; elsewhere bf16 is emulated and slower than float32."""
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
 def speculative_config(mode: str, args) -> dict | None:
@@ -161,7 +162,7 @@ def parse_args(argv=None):
     parser.add_argument("--k", type=int, default=0, help="Medusa num_speculative_tokens (0: every head)")
     parser.add_argument("--ngram-k", type=int, default=4)
     parser.add_argument("--eagle3-k", type=int, default=3)
-    parser.add_argument("--dtype", default=default_dtype(), help="default: bfloat16 with native bf16, else float32")
+    parser.add_argument("--dtype", default=default_dtype(cpu_bf16_flags()), help="default: bfloat16 with native bf16, else float32")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                         help="skip torch.compile (minutes of start-up on a small CPU)")
