@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from medusaforge.cli import main
 from medusaforge.drafters.draft_vocab import prediction_counts, select_draft_vocab, token_map_of, vocab_maps
 from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base, load_draft
 from medusaforge.training import eagle3 as recipe
@@ -98,7 +99,13 @@ def config_for(setup, out, **overrides):
 def test_train_end_to_end_loss_goes_down_and_every_parameter_moves(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDUSAFORGE_CACHE", str(setup[2] / "cache"))
     out = tmp_path / "run"
-    summary = recipe.train(config_for(setup, out, max_steps=16))
+    model, data, _ = setup
+    # The real entry point: the recipe registry picks Eagle3Config from --method.
+    assert main(["train", "--method", "eagle3", "--model", str(model), "--data", str(data), "--out", str(out),
+                 "--num-steps", "3", "--draft-vocab", "128", "--vocab-examples", "8", "--feature-layers", "0", "1", "2",
+                 "--max-length", "64", "--batch-size", "4", "--max-steps", "16", "--lr", "3e-3", "--eval-fraction", "0.2",
+                 "--device", "cpu", "--dtype", "fp32", "--progress", "false"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 16 and len(records[0]["step_top1"]) == 3
     assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
@@ -110,8 +117,9 @@ def test_train_end_to_end_loss_goes_down_and_every_parameter_moves(setup, tmp_pa
     assert trained.config.draft_vocab_size == 128 and int(trained.t2d.sum()) == 128
     checkpoint = load_file(str(sorted((out / "checkpoints").iterdir())[-1] / "heads" / "model.safetensors"))
     assert all(torch.equal(checkpoint[name], t) for name, t in trained.state_dict().items())
-    # Every trainable parameter moved from its initial value: a run with lr 0 keeps the seeded init.
-    initial_run = recipe.train(config_for(setup, tmp_path / "zero", max_steps=1, lr=0.0))
+    # Every trainable parameter moved from its initial value. A one-step run at lr 1e-30 keeps the
+    # seeded init exactly (an Adam step of ~1e-30 vanishes against fp32 weights; lr 0 is refused).
+    initial_run = recipe.train(config_for(setup, tmp_path / "zero", max_steps=1, lr=1e-30))
     initial = load_draft(tmp_path / "zero" / "draft", model.get_input_embeddings())
     for name, parameter in trained.named_parameters():
         assert not torch.equal(parameter, initial.state_dict()[name]), f"{name} did not move"

@@ -19,6 +19,7 @@ from medusaforge.config import COMMAND_LINE, check_choice, read_yaml_mapping
 RECIPES = {
     "medusa1": ("medusaforge.training.medusa1", "Medusa1Config", "frozen base; the heads train on its final hidden states (online or from a cache)"),
     "medusa2": ("medusaforge.training.medusa2", "Medusa2Config", "the base (LoRA or full) trains jointly with the heads; from stage-1 heads"),
+    "eagle3": ("medusaforge.training.eagle3", "Eagle3Config", "frozen base; an EAGLE-3 draft layer over fused low/mid/high features, trained with training-time test"),
 }
 DEFAULT_RECIPE = "medusa1"
 RECIPE_KEYS = ("mode", "method")  # flag names and YAML keys that choose the recipe; not recipe options

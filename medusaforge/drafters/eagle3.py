@@ -230,13 +230,17 @@ class Eagle3Draft(nn.Module):
         # belongs to the base (engines take it from the target model).
         self._embed = (embed_tokens,)
 
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self._embed[0]
+
     def set_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self._embed[0](input_ids).to(self.fc.weight.dtype)
+            return self.embed_tokens(input_ids).to(self.fc.weight.dtype)
 
     def select_features(self, hidden_states) -> torch.Tensor:
         """HF `output_hidden_states` tuple -> [B, S, 3H], low/mid/high concatenated in that order."""

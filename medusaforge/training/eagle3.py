@@ -17,8 +17,6 @@ metrics.jsonl (per-step loss and top-1 for every unrolled step), summary.json (h
 from __future__ import annotations
 
 import json
-import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,45 +26,31 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from medusaforge.config import config_to_dict, dtype_option, option
+from medusaforge.config import option
 from medusaforge.data.conversations import load_tokenized
 from medusaforge.drafters.draft_vocab import coverage, prediction_counts, select_draft_vocab, vocab_maps
 from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base
 from medusaforge.files import atomic_write_text
-from medusaforge.models import DEFAULT_MODEL, base_fingerprint, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
-from medusaforge.training.checkpoint import truncate_metrics
-from medusaforge.training.common import (
-    autocast_for,
-    batch_schedule,
-    cosine_with_warmup,
-    find_resume_checkpoint,
-    refuse_to_overwrite,
-    schedule_fingerprint,
-    split_examples,
-    write_checkpoint,
-)
+from medusaforge.models import base_fingerprint, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
+from medusaforge.training.common import autocast_for, schedule_fingerprint, split_examples, write_checkpoint
 from medusaforge.training.distributed import (
-    DistributedContext,
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-    main_process_first,
-    placeholder_slice,
-    shutdown_distributed,
-    wrap_heads_for_ddp,
+    DistributedContext, all_reduce_sum, init_distributed, main_process_first, placeholder_slice, shutdown_distributed, wrap_heads_for_ddp,
 )
-from medusaforge.training.eagle3_checkpoint import load_draft_checkpoint
+from medusaforge.training.eagle3_checkpoint import resume_draft
 from medusaforge.training.eagle3_features import Eagle3OnlineBatches
 from medusaforge.training.eagle3_loss import eagle3_losses, step_positions, step_weights
-from medusaforge.drafters.vocab import target_token_counts
+from medusaforge.training.options import BaseModelOptions, DataOptions, OptimOptions, OutputOptions
+from medusaforge.training.setup import (
+    make_logger, micro_batches_of, open_metrics, optimizer_and_schedule, optimizer_step, prepare_output, total_steps_of,
+    training_target_counts,
+)
 
 
 @dataclass
-class Eagle3Config:
-    """Train an EAGLE-3 draft (one decoder layer over fused base features) on a chat JSONL file."""
+class Eagle3Config(OutputOptions, OptimOptions, DataOptions, BaseModelOptions):
+    """Train an EAGLE-3 draft (one decoder layer over fused base features) on a chat JSONL file; the
+    replies may be human-written, since the targets are the base model's own distributions."""
 
-    model: str = option(DEFAULT_MODEL, "base model: local HF folder, hub id, or the built-in smollm2-135m-instruct")
-    data: Path | None = option(None, "training data: JSONL (ShareGPT or OpenAI messages); replies may be human-written")
     out: Path = option(Path("runs/eagle3"), "output folder: draft/, checkpoints/, metrics.jsonl, summary.json")
     num_steps: int = option(7, "training-time-test steps unrolled per position (step k predicts token t+k+2)")
     step_weight_decay: float = option(0.8, "loss weight of step k is decay**k (EAGLE-3 paper)")
@@ -74,29 +58,6 @@ class Eagle3Config:
     vocab_examples: int = option(256, "training conversations the base is run on to count its predictions for the draft vocabulary")
     feature_layers: list[int] | None = option(None, "three HF hidden_states indices fused by the draft (default: 2, L//2, L-3 as vLLM/SpecForge)")
     init_from_base: bool = option(True, "start the draft's lm_head and final norm from the base's (rows of the draft vocabulary)")
-    max_length: int = option(1024, "truncate each conversation to this many tokens")
-    batch_size: int = option(8, "conversations per micro-batch, over all ranks (each torchrun rank takes its share)")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    epochs: float = option(1.0, "passes over the training split (fractions allowed)")
-    max_steps: int | None = option(None, "stop after this many optimizer steps (overrides --epochs)")
-    lr: float = option(1e-3, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_ratio: float = option(0.05, "fraction of steps spent in linear warmup before the cosine decay")
-    min_lr_ratio: float = option(0.0, "cosine decays to lr * this")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this (0 disables)")
-    eval_fraction: float = option(0.1, "share of conversations held out for the final per-step evaluation")
-    seed: int = option(0, "random seed (data order, split, draft init)")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = dtype_option("auto", "compute dtype: auto (bf16 autocast where the device runs bf16 natively, else fp32), fp32 or bf16", choices=("auto", "fp32", "bf16"))
-    save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
-    keep_last: int = option(2, "keep this many checkpoints")
-    log_every: int = option(1, "write metrics every N steps")
-    skip_invalid: bool = option(False, "skip bad records (counted and reported) instead of stopping")
-    overwrite: bool = option(False, "allow writing into a non-empty --out")
-    resume: str | None = option(None, "resume from a checkpoint folder, or 'auto' for the newest in --out")
-    trust_remote_code: bool = option(False, "allow the model's own Python code from its folder (off by default)")
-    progress: bool = option(True, "show a progress bar")
-    skip_nonfinite: bool = option(False, "skip optimizer steps whose loss or gradient is NaN/inf (counted, reported) instead of stopping")
 
     def validate(self) -> None:
         if self.data is None:
@@ -105,10 +66,11 @@ class Eagle3Config:
             raise ValueError("--num-steps, --draft-vocab and --vocab-examples must be >= 1")
         if self.feature_layers is not None and len(self.feature_layers) != 3:
             raise ValueError(f"--feature-layers needs three layer indices, got {self.feature_layers}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError("--eval-fraction must be in [0, 1)")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.max_length < 3:
-            raise ValueError("--batch-size and --grad-accum must be >= 1, --max-length >= 3")
+        if self.max_length < 3:
+            raise ValueError("--max-length must be >= 3 (a draft step needs a token and a target after it)")
+        self.check_data()
+        self.check_optim()
+        self.check_output()
 
 
 class DraftWithLoss(nn.Module):
@@ -133,9 +95,7 @@ def choose_draft_vocab(source, data, train_indices: list[int], config: Eagle3Con
         with autocast:
             argmax = source.base_argmax(batch)
         counts += prediction_counts(argmax.cpu(), batch["loss_mask"].cpu(), vocab_size)
-    train_ids = torch.cat([data.example(i)[0] for i in train_indices])
-    train_mask = torch.cat([data.example(i)[1] for i in train_indices])
-    token_map = select_draft_vocab(counts, target_token_counts(train_ids, train_mask, vocab_size), config.draft_vocab)
+    token_map = select_draft_vocab(counts, training_target_counts(data, train_indices, vocab_size), config.draft_vocab)
     return token_map, coverage(token_map, counts)
 
 
@@ -173,18 +133,9 @@ def train(config: Eagle3Config) -> dict:
 
 def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
     torch.manual_seed(config.seed)
-    device = context.device
-    out = Path(config.out)
-    # Every rank checks before any rank writes, so all of them see the same folder and agree.
-    refuse_to_overwrite(out, config.overwrite, config.resume)
-    barrier(context)
-    if context.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    device, log = context.device, make_logger(context)
+    out = prepare_output(config, context)
     autocast = autocast_for(device, config.dtype)
-
-    def log(message: str) -> None:
-        if context.is_main:
-            print(message, file=sys.stderr)
 
     # ---- base model (frozen) and data ----
     with main_process_first(context):
@@ -213,50 +164,19 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
             draft.lm_head.weight.copy_(lm_head_weight[draft.to_target(torch.arange(draft_config.draft_vocab_size))])
             draft.norm.weight.copy_(base.get_decoder().norm.weight)
     draft.to(device)
-    source.token_map = draft.to_target(torch.arange(draft_config.draft_vocab_size, device=device))
     num_steps, weights = config.num_steps, step_weights(config.num_steps, config.step_weight_decay)
 
-    steps_per_epoch = max(1, math.ceil(len(train_indices) / config.batch_size / config.grad_accum))
-    total_steps = config.max_steps or max(1, int(round(steps_per_epoch * config.epochs)))
-    warmup_steps = max(1, int(total_steps * config.warmup_ratio))
+    total_steps = total_steps_of(config, len(train_indices))
     trainable = [p for p in draft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps, config.min_lr_ratio))
-    micro_batches = batch_schedule(train_indices, config.batch_size, total_steps * config.grad_accum, config.seed)
+    optimizer, scheduler = optimizer_and_schedule([{"params": trainable, "lr": config.lr}], config, total_steps)
+    micro_batches = micro_batches_of(config, train_indices, total_steps)
     schedule = schedule_fingerprint(config, len(train_indices), total_steps)
 
-    start_step, skipped_steps = 0, 0
-    if config.resume:
-        candidates = find_resume_checkpoint(out, config.resume)
-        if not candidates:
-            log(f"resume auto: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
-        for checkpoint in candidates:
-            try:
-                resumed, state = load_draft_checkpoint(checkpoint, base.get_input_embeddings(), optimizer, scheduler, rank=context.rank)
-            except ValueError as error:
-                if config.resume != "auto" or checkpoint == candidates[-1]:
-                    raise
-                log(f"resume auto: skipping damaged checkpoint: {error}")
-                continue
-            saved_schedule = state["extra"].get("schedule", schedule)
-            if saved_schedule != schedule:
-                changed = {k: (saved_schedule.get(k), v) for k, v in schedule.items() if saved_schedule.get(k) != v}
-                raise ValueError(f"{checkpoint}: was written by a run with a different data order or LR schedule "
-                                 f"(checkpoint, now): {changed}; an exact resume needs the same settings")
-            draft.load_state_dict(resumed.state_dict())
-            source.token_map = draft.to_target(torch.arange(draft_config.draft_vocab_size, device=device))
-            start_step, skipped_steps = state["step"], int(state["extra"].get("skipped_nonfinite", 0))
-            log(f"resumed from {checkpoint} at step {start_step}")
-            break
+    start_step, skipped_steps = resume_draft(config, out, draft, optimizer, scheduler, schedule, log, context.rank)
+    source.token_map = draft.to_target(torch.arange(draft_config.draft_vocab_size, device=device))  # a resume restores d2t
     draft_with_loss = wrap_heads_for_ddp(DraftWithLoss(draft, num_steps), context)
 
-    metrics_path = out / "metrics.jsonl"
-    metrics_file = None
-    if context.is_main:
-        atomic_write_text(out / "train_config.json", json.dumps(config_to_dict(config), indent=2) + "\n")
-        if config.resume:
-            truncate_metrics(metrics_path, start_step)  # lines after the resumed step are re-run
-        metrics_file = open(metrics_path, "a" if config.resume else "w")
+    metrics_file = open_metrics(out, config, start_step, "eagle3") if context.is_main else None
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
                     disable=not (config.progress and context.is_main), desc="train eagle3")
     draft.train()
@@ -302,24 +222,14 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
         step_loss, step_top1 = step_stats[1:].float().view(2, num_steps)
 
         # After DDP's all-reduce every rank has the same gradients, norm and loss: all take the same branch.
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip if config.grad_clip > 0 else float("inf"))
-        finite = math.isfinite(loss_value) and math.isfinite(float(grad_norm))
-        if not finite and not config.skip_nonfinite:
-            raise RuntimeError(
-                f"step {step + 1}: loss {loss_value}, gradient norm {float(grad_norm)}: not finite; stopped before "
-                f"the draft was updated. The checkpoints in {out / 'checkpoints'} are intact; resume from them, "
-                "lower --lr, or pass --skip-nonfinite to skip such steps")
-        if finite:
-            optimizer.step()
-        else:
+        grad_norm, finite = optimizer_step(optimizer, scheduler, trainable, config, step, loss_value, out)
+        if not finite:
             skipped_steps += 1
-            log(f"step {step + 1}: loss {loss_value}: not finite, step skipped ({skipped_steps} so far)")
-        scheduler.step()  # the schedule follows the step number (= data position) even over skipped steps
-        optimizer.zero_grad(set_to_none=True)
+            log(f"step {step + 1}: loss {loss_value}, gradient norm {grad_norm}: not finite, step skipped ({skipped_steps} so far)")
 
         progress.set_postfix(loss=f"{loss_value:.3f}", acc0=f"{step_top1[0]:.3f}")
         if context.is_main and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
-            record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "step_loss": step_loss.tolist(), "step_top1": step_top1.tolist(), "skipped": not finite,
                       "tokens_per_s": tokens_seen * context.world_size / (time.perf_counter() - started)}
             metrics_file.write(json.dumps(record) + "\n")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from medusaforge.drafters.eagle3 import load_draft
 from medusaforge.training.checkpoint import COMPLETE_MARKER, set_rng_state
+from medusaforge.training.common import find_resume_checkpoint
 
 WEIGHTS_FOLDER = "heads"  # the name save_checkpoint gives the trained module's folder
 
@@ -59,3 +60,31 @@ def load_draft_checkpoint(directory: Path, embed_tokens, optimizer=None, schedul
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         set_rng_state(per_rank[rank] if rank < len(per_rank) else per_rank[0])
     return draft, state
+
+
+def resume_draft(config, out: Path, draft, optimizer, scheduler, schedule: dict, log, rank: int = 0) -> tuple[int, int]:
+    """setup.resume for a draft: restore it, the optimizer, scheduler and RNG from --resume ('auto':
+    the newest complete checkpoint, falling back past damaged ones). -> (start step, NaN/inf steps
+    skipped so far); (0, 0) without --resume. A checkpoint from another data order or schedule is refused."""
+    if not config.resume:
+        return 0, 0
+    candidates = find_resume_checkpoint(out, config.resume)
+    if not candidates:
+        log(f"resume auto: no complete checkpoint in {out / 'checkpoints'}; starting from step 0")
+    for checkpoint in candidates:
+        try:
+            resumed, state = load_draft_checkpoint(checkpoint, draft.embed_tokens, optimizer, scheduler, rank=rank)
+        except ValueError as error:
+            if config.resume != "auto" or checkpoint == candidates[-1]:
+                raise
+            log(f"resume auto: skipping damaged checkpoint: {error}")
+            continue
+        saved_schedule = state["extra"].get("schedule", schedule)
+        if saved_schedule != schedule:
+            changed = {k: (saved_schedule.get(k), v) for k, v in schedule.items() if saved_schedule.get(k) != v}
+            raise ValueError(f"{checkpoint}: was written by a run with a different data order or LR schedule "
+                             f"(checkpoint, now): {changed}; an exact resume needs the same settings")
+        draft.load_state_dict(resumed.state_dict())
+        log(f"resumed from {checkpoint} at step {state['step']}")
+        return state["step"], int(state["extra"].get("skipped_nonfinite", 0))
+    return 0, 0
