@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from medusaforge.drafters.medusa_heads import HeadsConfig
+from medusaforge.interop.layouts import FILL_FOR_FORMAT
 from medusaforge.models import BUILTIN_MODELS
 
 # Eval-JSON keys shown in the "Measured" table, with their labels; other numbers are listed after.
@@ -120,9 +121,10 @@ def _widened_section(config: HeadsConfig, fmt: str, agreement: dict | None) -> l
         return []
     layout = "vLLM builds every per-head projection over the full vocabulary" if fmt == "vllm" else \
         "the original Medusa layout has no token map"
-    fill = agreement["fill"] if agreement else ("shadow" if fmt == "vllm" else "zero")
+    fill = agreement["fill"] if agreement else FILL_FOR_FORMAT[fmt]
     how = ("each copies the row of the nearest trained token with a lower id, so it ties with that token and "
-           "argmax picks the trained one" if fill == "shadow" else "they score 0, which wins only when every "
+           "argmax picks the trained one (ids below the first trained id, which have no such twin, are zero rows)"
+           if fill == "shadow" else "they score 0, which wins only when every "
            "trained logit is negative")
     lines = ["", "## Vocabulary in this layout", "",
              f"The heads were trained on {config.head_vocab_size} of the {config.vocab_size} tokens, and {layout}; "
