@@ -302,6 +302,8 @@ def test_tree_search_chooses_an_eagle_tree_that_generate_and_eval_read(tmp_path)
     assert all(set(row["expected_accept_length"]) <= {"1", "2", "4"} for row in saved["search"]["rows"])
     chosen = load_eagle_tree(out)
     assert (chosen is None) == (saved["eagle"] is None)
+    if chosen is not None:  # adaptive drafting reads the chosen tree's fitted step cost
+        assert set(saved["step_cost"]) == {"fixed_ms", "per_node_ms"} and saved["plain_step_ms"] > 0
     # Whatever was chosen (a tree, or no drafting), eval decodes with it and stays identical.
     main(["eval", "--model", str(model_dir), "--drafter", str(tmp_path / "run"), "--prompts", str(prompts),
           "--max-new-tokens", "8", "--dtype", "fp32", "--warmup-tokens", "2", "--json", str(tmp_path / "eval.json"),

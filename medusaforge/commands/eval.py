@@ -136,7 +136,7 @@ def run(config: EvalConfig) -> dict:
 
     def medusa(ids, n) -> DecodeResult:
         if eagle3 is not None:
-            return speculative_generate(base, proposer, ids, n, eos)
+            return speculative_generate(base, proposer, ids, n, eos, adaptive=adaptive)
         return medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup, adaptive=adaptive)
 
     if config.baseline:

@@ -122,8 +122,15 @@ def search(draft, base, prompts, eos, topks, depths, sizes, new_tokens: int, rou
 
 
 def save_eagle_tree(result: dict, path: str | os.PathLike, **metadata) -> None:
-    """{"eagle": {topk, depth, num_nodes} or null, ...}: what generate/eval --tree read for EAGLE-3."""
-    atomic_write_text(path, json.dumps({"eagle": result["chosen"], **metadata, "search": result}, indent=2) + "\n")
+    """{"eagle": {topk, depth, num_nodes} or null, ...}: what generate/eval --tree read for EAGLE-3.
+    The chosen row's fitted step cost and the plain step go in as adaptive drafting reads them
+    (decoding/loading.adaptive_drafting: "step_cost" {fixed_ms, per_node_ms}, "plain_step_ms")."""
+    chosen = result["chosen"]
+    row = next((r for r in result["rows"] if chosen and (r["topk"], r["depth"]) == (chosen["topk"], chosen["depth"])), None)
+    if row is not None:
+        metadata["step_cost"] = {"fixed_ms": row["step_cost_ms"]["fixed"], "per_node_ms": row["step_cost_ms"]["per_node"]}
+        metadata["plain_step_ms"] = result["plain_step_ms"]
+    atomic_write_text(path, json.dumps({"eagle": chosen, **metadata, "search": result}, indent=2) + "\n")
 
 
 def load_eagle_tree(path: str | os.PathLike) -> DynamicTree | None:
