@@ -356,3 +356,14 @@ def test_smollm2_eagle3_greedy_is_identical_to_generate():
         assert result.tokens == reference
         accepted += result.accepted
     assert max(accepted) >= 2
+
+
+def test_adaptive_drafting_skips_a_wrong_draft_and_stays_identical():
+    from medusaforge.decoding.adaptive import AdaptiveDrafting
+
+    base = cycle_base("llama")
+    proposer = Eagle3Proposer(cycle_draft(base, right=False), DynamicTree(topk=3, depth=4, num_nodes=21))
+    result = decode(base, proposer, [3, 4, 5], max_new_tokens=40, adaptive=AdaptiveDrafting(window=4, probe_every=3))
+    assert result.tokens == hf_greedy(base, torch.tensor([3, 4, 5]), 40, [])
+    assert 0 in result.drafted  # plain steps: the proposer's cache still follows every verified token
+    assert proposer.committed == 3 + len(result.tokens) - 1
