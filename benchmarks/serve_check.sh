@@ -53,7 +53,12 @@ fi
 import json, sys
 from medusaforge.data.prompts import load_prompts
 json.dump(load_prompts('mt-bench', int(sys.argv[2])), open(sys.argv[1], 'w'))" "$OUT/prompts.json" "$NUM_PROMPTS"
-# Slot for the EAGLE-3 export: EAGLE3=DIR adds its row.
+# The EAGLE-3 row: EAGLE3_DRAFT=DIR (a `train --method eagle3` output) is exported first, or
+# EAGLE3=DIR names a folder already in the engine layout.
+if [ -n "${EAGLE3_DRAFT:-}" ]; then
+    "$MEDUSAFORGE/medusaforge" export --heads "$EAGLE3_DRAFT" --out "$OUT/eagle3" --overwrite --model smollm2-135m-instruct
+    EAGLE3="$OUT/eagle3"
+fi
 eagle3=()
 if [ -n "${EAGLE3:-}" ]; then
     eagle3=(--eagle3 "$EAGLE3")
