@@ -211,3 +211,28 @@ def test_two_gloo_processes_match_one_process(setup, tmp_path, monkeypatch):
         torch.testing.assert_close(second[name], tensor, rtol=1e-4, atol=1e-4)
     summaries = [json.loads((outs[p] / "summary.json").read_text())["held_out"] for p in (1, 2)]
     assert summaries[1]["top1"] == pytest.approx(summaries[0]["top1"], abs=1e-6)
+
+
+def test_offline_from_the_cache_trains_like_online(setup, tmp_path, monkeypatch):
+    model, data, root = setup
+    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(root / "cache"))
+    assert main(["cache", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "hidden"), "--max-length", "64",
+                 "--eagle3-features", "--feature-layers", "0", "1", "2", "--cache-dtype", "fp32", "--dtype", "fp32",
+                 "--device", "cpu"]) == 0
+    recipe.train(config_for(setup, tmp_path / "online", max_steps=4))
+    recipe.train(config_for(setup, tmp_path / "offline", max_steps=4, data=None, cache=tmp_path / "hidden", feature_layers=None))
+
+    def metrics(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    for online, offline in zip(metrics(tmp_path / "online"), metrics(tmp_path / "offline"), strict=True):
+        assert offline["loss"] == pytest.approx(online["loss"], rel=1e-4)
+        assert offline["step_top1"] == pytest.approx(online["step_top1"], abs=1e-6)
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("online", "offline")]
+    assert summaries[1]["hidden_states"] != "online" and summaries[1]["feature_layers"] == [0, 1, 2]
+    assert summaries[1]["held_out"]["top1"] == pytest.approx(summaries[0]["held_out"]["top1"], abs=1e-6)
+    # A Medusa-only cache (no feature layers) is refused with the command that makes a usable one.
+    assert main(["cache", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "medusa-only"),
+                 "--max-length", "64", "--device", "cpu"]) == 0
+    with pytest.raises(ValueError, match="--eagle3-features"):
+        recipe.train(config_for(setup, tmp_path / "refused", data=None, cache=tmp_path / "medusa-only", feature_layers=None))

@@ -37,7 +37,8 @@ from medusaforge.training.distributed import (
     DistributedContext, all_reduce_sum, init_distributed, main_process_first, placeholder_slice, shutdown_distributed, wrap_heads_for_ddp,
 )
 from medusaforge.training.eagle3_checkpoint import resume_draft
-from medusaforge.training.eagle3_features import Eagle3OnlineBatches
+from medusaforge.training.eagle3_features import Eagle3OfflineBatches, Eagle3OnlineBatches
+from medusaforge.training.hidden_cache import HiddenCache
 from medusaforge.training.eagle3_loss import eagle3_losses, step_positions, step_weights
 from medusaforge.training.options import BaseModelOptions, DataOptions, OptimOptions, OutputOptions
 from medusaforge.training.setup import (
@@ -58,10 +59,11 @@ class Eagle3Config(OutputOptions, OptimOptions, DataOptions, BaseModelOptions):
     vocab_examples: int = option(256, "training conversations the base is run on to count its predictions for the draft vocabulary")
     feature_layers: list[int] | None = option(None, "three HF hidden_states indices fused by the draft (default: 2, L//2, L-3 as vLLM/SpecForge)")
     init_from_base: bool = option(True, "start the draft's lm_head and final norm from the base's (rows of the draft vocabulary)")
+    cache: Path | None = option(None, "train offline from a `medusaforge cache --eagle3-features` folder: the base is loaded (config, embedding) but never run; --model must be the one that made it")
 
     def validate(self) -> None:
-        if self.data is None:
-            raise ValueError("--data is required")
+        if self.data is None and self.cache is None:
+            raise ValueError("--data (or --cache) is required")
         if self.num_steps < 1 or self.draft_vocab < 1 or self.vocab_examples < 1:
             raise ValueError("--num-steps, --draft-vocab and --vocab-examples must be >= 1")
         if self.feature_layers is not None and len(self.feature_layers) != 3:
@@ -138,22 +140,37 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
     autocast = autocast_for(device, config.dtype)
 
     # ---- base model (frozen) and data ----
+    # The base is always loaded: the draft takes its config and frozen token embedding. With
+    # --cache it is never run; features, ids and masks come from the cache.
     with main_process_first(context):
         tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         base = load_base_model(config.model, device=device, trust_remote_code=config.trust_remote_code)
         base.requires_grad_(False)
-        data = load_tokenized(config.data, tokenizer, config.max_length, skip_invalid=config.skip_invalid, log=log)
+        cache = HiddenCache(config.cache) if config.cache else None
+        data = cache.data if cache else load_tokenized(config.data, tokenizer, config.max_length, skip_invalid=config.skip_invalid, log=log)
     lm_head_weight = lm_head_of(base).weight
     vocab_size = lm_head_weight.shape[0]
+    feature_layers = config.feature_layers
+    if cache is not None:
+        cache.check_model(config.model)
+        if cache.feature_layers is None:
+            raise ValueError(f"{config.cache}: this cache holds only final hidden states; make it with "
+                             "`medusaforge cache --eagle3-features` for EAGLE-3 training")
+        if feature_layers is not None and tuple(feature_layers) != cache.feature_layers:
+            raise ValueError(f"{config.cache}: holds feature layers {list(cache.feature_layers)}, --feature-layers asks for {feature_layers}")
+        feature_layers = feature_layers or cache.feature_layers
+        log(f"offline: features from {config.cache} (layers {cache.feature_layers}); the base model is not run")
     train_indices, eval_indices = split_examples(len(data), config.eval_fraction, config.seed)
     log(f"data: {len(data)} conversations ({len(train_indices)} train, {len(eval_indices)} held out), "
         f"{data.num_loss_tokens()} assistant tokens, {data.num_invalid} invalid records skipped")
 
     # ---- draft, vocabulary, optimizer, schedule ----
-    draft_config = draft_config_from_base(base.config, min(config.draft_vocab, vocab_size), config.feature_layers)
+    draft_config = draft_config_from_base(base.config, min(config.draft_vocab, vocab_size), feature_layers)
     draft_config.base_model, draft_config.base_fingerprint = model_name(base), base_fingerprint(base)
     draft = Eagle3Draft(draft_config, base.get_input_embeddings())
-    source = Eagle3OnlineBatches(base, data, tokenizer.pad_token_id, draft.feature_layers, lm_head_weight, torch.arange(vocab_size))
+    all_tokens = torch.arange(vocab_size)
+    source = (Eagle3OfflineBatches(cache, lm_head_weight, all_tokens) if cache else
+              Eagle3OnlineBatches(base, data, tokenizer.pad_token_id, draft.feature_layers, lm_head_weight, all_tokens))
     vocab_coverage = 1.0
     if config.draft_vocab < vocab_size and not config.resume:  # a resume takes the maps from its checkpoint
         token_map, vocab_coverage = choose_draft_vocab(source, data, train_indices, config, vocab_size, device, autocast)
@@ -254,6 +271,7 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
         "method": "eagle3",
         "model": draft_config.base_model,
         "data": str(config.data),
+        "hidden_states": str(config.cache) if config.cache else "online",
         "num_steps": num_steps,
         "feature_layers": list(draft.feature_layers),
         "draft_vocab": draft_config.draft_vocab_size,

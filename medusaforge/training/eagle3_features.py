@@ -7,8 +7,11 @@ Per micro-batch the recipe needs, for every position:
 Targets come from the final post-norm hidden state and the base lm_head, so an offline cache needs
 only the three feature layers plus the final hidden state (4H values per token).
 
-`Eagle3OnlineBatches` runs the frozen base per micro-batch; any source with the same `collate` and
-`inputs` methods (an offline cache) plugs into the same loop.
+Two sources with the same methods, so the loop is written once:
+  collate(indices) -> batch dict (input_ids, loss_mask, attention_mask [B, T]; offline also the stored states)
+  inputs(batch) -> (features, target_logits, base_argmax);  base_argmax(batch) -> [B, T]
+`Eagle3OnlineBatches` runs the frozen base per micro-batch (no_grad); `Eagle3OfflineBatches` reads
+`medusaforge cache --eagle3-features` output and never runs the base.
 """
 
 from __future__ import annotations
@@ -16,20 +19,11 @@ from __future__ import annotations
 import torch
 
 from medusaforge.data.conversations import TokenizedData, collate
+from medusaforge.models import final_and_feature_states
+from medusaforge.training.hidden_cache import HiddenCache
 
 # Positions per lm_head chunk when computing targets: [chunk, vocab] fp32 at a time.
 TARGET_CHUNK = 1024
-
-
-@torch.no_grad()
-def base_features(base, input_ids: torch.Tensor, attention_mask: torch.Tensor, feature_layers) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [B, T, 3H], final post-norm hidden [B, T, H]) from one frozen base forward.
-
-    In transformers 5, hidden_states[0] is the embedding output, [j] the output of layer j-1, and
-    the last entry is the final post-norm state (equal to last_hidden_state)."""
-    outputs = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
-    states = outputs.hidden_states
-    return torch.cat([states[i] for i in feature_layers], dim=-1), outputs.last_hidden_state
 
 
 @torch.no_grad()
@@ -59,14 +53,42 @@ class Eagle3OnlineBatches:
     def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return collate([self.data.example(i) for i in indices], self.pad_token_id)
 
+    @torch.no_grad()
+    def states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (features [B, T, 3H], final post-norm hidden [B, T, H]) from one frozen base forward."""
+        final, features = final_and_feature_states(self.base, batch["input_ids"], batch["attention_mask"], self.feature_layers)
+        return features, final
+
     def inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (features [B, T, 3H], target_logits [B, T, draft_vocab], base_argmax [B, T])."""
-        features, final = base_features(self.base, batch["input_ids"], batch["attention_mask"], self.feature_layers)
+        features, final = self.states(batch)
         target_logits, base_argmax = targets_from_final(final, self.lm_head_weight, self.token_map.to(final.device))
         return features, target_logits, base_argmax
 
-    @torch.no_grad()
     def base_argmax(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B, T] greedy base predictions (for choosing the draft vocabulary)."""
-        _, final = base_features(self.base, batch["input_ids"], batch["attention_mask"], self.feature_layers)
+        _, final = self.states(batch)
         return targets_from_final(final, self.lm_head_weight, self.token_map[:1].to(final.device))[1]
+
+
+class Eagle3OfflineBatches(Eagle3OnlineBatches):
+    """Reads each example's stored feature layers and final hidden state from a `HiddenCache`."""
+
+    def __init__(self, cache: HiddenCache, lm_head_weight: torch.Tensor, token_map: torch.Tensor) -> None:
+        super().__init__(None, cache.data, 0, cache.feature_layers, lm_head_weight, token_map)
+        self.cache = cache
+
+    def collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        # Padding is masked out of the loss and, being at the end, never attended to by a counted position.
+        batch = collate([self.data.example(i) for i in indices], pad_token_id=0)
+        for name, read in (("hidden", self.cache.hidden), ("features", self.cache.features)):
+            stored = [read(i) for i in indices]  # [T_i, width] each, memory-mapped reads
+            padded = torch.zeros((*batch["input_ids"].shape, stored[0].shape[-1]), dtype=stored[0].dtype)
+            for row, rows in enumerate(stored):
+                padded[row, : len(rows)] = rows
+            batch[name] = padded
+        return batch
+
+    def states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # Stored in bf16/fp16; fp32 here, as the online path's base output under fp32.
+        return batch["features"].float(), batch["hidden"].float()
