@@ -20,19 +20,19 @@ import traceback
 
 import torch
 from safetensors.torch import load_file
-
-# The model loader ends with torch.accelerator.empty_cache(), which raises on a machine with no
-# accelerator when called outside vLLM's CPU worker; it only frees cached memory.
-torch.accelerator.empty_cache = lambda: None
-
-from vllm.config import set_current_vllm_config  # noqa: E402
-from vllm.distributed.parallel_state import (  # noqa: E402
+from vllm.config import set_current_vllm_config
+from vllm.distributed.parallel_state import (
     init_distributed_environment,
     initialize_model_parallel,
     model_parallel_is_initialized,
 )
-from vllm.engine.arg_utils import EngineArgs  # noqa: E402
-from vllm.v1.spec_decode.medusa import MedusaProposer  # noqa: E402
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.spec_decode.medusa import MedusaProposer
+from vllm.v1.worker.cpu_model_runner import _set_torch_accelerator_to_noop
+
+# The model loader ends with torch.accelerator.empty_cache(), which raises on a machine with no
+# accelerator; vLLM's CPU model runner turns the accelerator calls into no-ops first, and so do we.
+_set_torch_accelerator_to_noop()
 
 
 def draft_tokens(base: str, heads: str, hidden: torch.Tensor, dtype: str) -> list:
