@@ -156,6 +156,21 @@ def test_resume_after_an_interruption_is_bitwise_the_uninterrupted_run(setup, tm
         assert torch.equal(straight[name], resumed[name]), name
 
 
+def test_resume_auto_skips_a_damaged_newest_checkpoint_and_refuses_a_changed_schedule(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(setup[2] / "cache"))
+    out = tmp_path / "run"
+    recipe.train(config_for(setup, out, max_steps=6, save_every=2, keep_last=3))
+    newest = sorted((out / "checkpoints").iterdir())[-1]
+    (newest / "heads" / "model.safetensors").write_bytes(b"not a safetensors file")
+    capsys.readouterr()
+    summary = recipe.train(config_for(setup, out, max_steps=6, save_every=2, keep_last=3, resume="auto"))
+    log = capsys.readouterr().err
+    assert "skipping damaged checkpoint" in log and "step-000006" in log
+    assert "resumed from" in log and "step-000004 at step 4" in log and summary["steps"] == 6
+    with pytest.raises(ValueError, match="different data order or LR schedule"):
+        recipe.train(config_for(setup, out, max_steps=7, save_every=2, resume="auto"))
+
+
 def test_bad_input_fails_with_a_clear_error(setup, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDUSAFORGE_CACHE", str(setup[2] / "cache"))
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}, "{not json"])
