@@ -29,9 +29,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from medusaforge.files import atomic_write_text, staging_directory
-# training/checkpoint.py and training/medusa2.py still import replace_directory from here; they move
-# onto medusaforge.files in the same refactor, and then this line goes.
-from medusaforge.files import replace_directory  # noqa: F401
 
 HEADS_FILE = "heads.safetensors"
 CONFIG_FILE = "config.json"
