@@ -318,7 +318,8 @@ class Eagle3Draft(nn.Module):
             # [B, heads, S, S] against step 0, then one diagonal score per later step: [B, heads, S, k]
             scores = torch.matmul(q, keys[0].transpose(2, 3)) * attn.scale
             scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-            diagonal = [(q * keys[m]).sum(-1, keepdim=True) * attn.scale for m in range(1, k + 1)]
+            # Elementwise products are not autocast ops: accumulate in fp32 as the matmul above does.
+            diagonal = [((q.float() * keys[m].float()).sum(-1, keepdim=True) * attn.scale).to(scores.dtype) for m in range(1, k + 1)]
             probs = torch.softmax(torch.cat([scores, *diagonal], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
             context = torch.matmul(probs[..., :length], values[0])
             for m in range(1, k + 1):
