@@ -291,6 +291,10 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
         return summary
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if held_out is not None:
+        # The last metrics line: held-out figures per draft step, at the final step (a resume before
+        # the end drops it with the other lines past its checkpoint, and writes it again).
+        with open(out / "metrics.jsonl", "a") as metrics_file:
+            metrics_file.write(json.dumps({"step": total_steps, "held_out_top1": held_out["top1"], "held_out_loss": held_out["loss"]}) + "\n")
         print("held-out top-1 per step: " + " ".join(f"{t:.3f}" for t in held_out["top1"]))
     print(f"draft saved to {out / 'draft'}")
     return summary
