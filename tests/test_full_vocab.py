@@ -26,10 +26,14 @@ def test_hand_worked_rows_and_logits():
     h = torch.tensor([[-1.0, -2.0]])
     assert top1_agreement(h, rows, token_map, shadow) == 1.0
     assert top1_agreement(h, rows, token_map, zero) == 0.0
-    # Without token 0 in the map, id 0 has no lower twin: it gets a zero row, which wins here too.
-    no_zero = full_vocab_rows(rows, torch.tensor([3, 1]), 5, SHADOW)
-    assert no_zero[0].tolist() == [0, 0]
-    assert top1_agreement(h, rows, torch.tensor([3, 1]), no_zero) == 0.0
+    # Without token 0 in the map, id 0 has no lower twin: it gets 15/16 of the first in-map row
+    # (token 1's). It scores below token 1 whenever token 1's logit is positive, and wins only when
+    # every trained logit is negative and token 1's is within 1/16 of the best.
+    token_map = torch.tensor([3, 1])
+    no_zero = full_vocab_rows(rows, token_map, 5, SHADOW)
+    assert no_zero.tolist() == [[0, 0.9375], [0, 1], [0, 1], [1, 0], [1, 0]]
+    assert top1_agreement(torch.tensor([[-1.0, -2.0], [2.0, 3.0]]), rows, token_map, no_zero) == 1.0
+    assert top1_agreement(torch.tensor([[-5.0, -1.0]]), rows, token_map, no_zero) == 0.0  # -0.9375 > -1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,9 +10,11 @@ bias, so no row can score "very negative" for every hidden state. Two fills:
 - `SHADOW`: each out-of-map row copies the row of the nearest in-map token with a lower id, so its
   logit equals that token's, and argmax (the first index among equal values, in torch and in
   vLLM's Medusa proposer) returns the lower, in-map id. Top-1 is kept exactly as long as the
-  matmul gives identical rows identical logits, except for the ids below the first in-map id:
-  they have no lower in-map token and get zero rows. For top-1 chains (vLLM). Wrong for trees:
-  every copy is a tied top-k candidate.
+  matmul gives identical rows identical logits (torch's CPU GEMM does, in fp32 and bf16, at
+  SmolLM2's shape). The ids below the first in-map id j0 have no lower twin (a copy would win
+  the tie): they get j0's row times `BELOW_FIRST_SCALE`, which scores below j0 when j0's logit is
+  positive and can only win when every trained logit is negative and j0's is within 1/16 of the
+  best. For top-1 chains (vLLM). Wrong for trees: every copy is a tied top-k candidate.
 - `ZERO`: logit 0, which wins only when every in-map logit is negative. For the original layout,
   whose readers (FasterDecoding, TensorRT-LLM) take each head's top-k for a tree.
 
@@ -28,6 +30,8 @@ from torch.nn import functional as F
 SHADOW = "shadow"
 ZERO = "zero"
 FILLS = (SHADOW, ZERO)
+# 15/16: exact in bf16, and far enough below 1 that rounding the scaled row cannot tie it with j0's.
+BELOW_FIRST_SCALE = 0.9375
 
 
 def shadow_sources(token_map: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -53,6 +57,8 @@ def full_vocab_rows(rows: torch.Tensor, token_map: torch.Tensor, vocab_size: int
         sources = shadow_sources(token_map.cpu(), vocab_size).to(rows.device)
         has_source = sources >= 0
         full[has_source] = rows[sources[has_source]]
+        first = int(torch.argmin(token_map))  # index of j0, the lowest in-map id
+        full[~has_source] = rows[first] * BELOW_FIRST_SCALE
     full[token_map] = rows
     return full
 

@@ -123,7 +123,7 @@ def _widened_section(config: HeadsConfig, fmt: str, agreement: dict | None) -> l
         "the original Medusa layout has no token map"
     fill = agreement["fill"] if agreement else FILL_FOR_FORMAT[fmt]
     how = ("each copies the row of the nearest trained token with a lower id, so it ties with that token and "
-           "argmax picks the trained one (ids below the first trained id, which have no such twin, are zero rows)"
+           "argmax picks the trained one (ids below the first trained id, which have no such twin, get 15/16 of its row)"
            if fill == "shadow" else "they score 0, which wins only when every "
            "trained logit is negative")
     lines = ["", "## Vocabulary in this layout", "",
