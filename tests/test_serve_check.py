@@ -45,3 +45,10 @@ def test_bf16_is_chosen_only_with_native_bf16():
     assert serve_check.default_dtype(["avx512f", "avx512_bf16"]) == "bfloat16"  # this host (AMD Zen 4)
     assert serve_check.default_dtype(["amx_bf16", "amx_tile"]) == "bfloat16"
     assert serve_check.default_dtype(["avx512f"]) == "float32"
+
+
+def test_each_mode_subprocess_gets_every_option_but_the_report_path():
+    args = serve_check.parse_args(["--base", "B", "--prompts", "P.json", "--out", "report.json", "--medusa", "M"])
+    assert args.passthrough == ["--base", "B", "--prompts", "P.json", "--medusa", "M"]
+    assert serve_check.speculative_config("plain", args) is None
+    assert serve_check.speculative_config("ngram", args)["method"] == "ngram"
