@@ -232,11 +232,18 @@ def test_the_replicas_reject_broken_layouts(tmp_path):
         sglang_load(shifted, tensors, BASE_LAYERS)
 
 
-def test_export_refuses_layers_the_engines_cannot_capture():
-    _, draft = make_draft()
+def test_export_refuses_layers_the_engines_cannot_capture(tmp_path):
+    base, draft = make_draft()
     draft.config.eagle_config = {"eagle_aux_hidden_state_layer_ids": [1, 2, BASE_LAYERS]}  # HF's post-norm output
+    draft.config.eagle_aux_hidden_state_layer_ids = [1, 2, BASE_LAYERS]
     with pytest.raises(ValueError, match="cannot be captured"):
         engine_config(draft.config, torch.float32, base_num_layers=BASE_LAYERS)
+    # Our own decoder reads any HF index, so such a draft still imports for decoding.
+    draft.save(tmp_path / "draft")
+    back = import_eagle3(tmp_path / "draft", base.get_input_embeddings(), base_num_layers=BASE_LAYERS)
+    assert back.feature_layers == (1, 2, BASE_LAYERS)
+    with pytest.raises(ValueError, match="not hidden_states indices"):
+        import_eagle3(tmp_path / "draft", base.get_input_embeddings(), base_num_layers=BASE_LAYERS - 1)
 
 
 def test_imports_a_specforge_folder(tmp_path):

@@ -249,8 +249,10 @@ def draft_config_from_layout(config: dict, base_num_layers: int | None = None, p
     draft_config.draft_vocab_size = int(config.get("draft_vocab_size") or config["vocab_size"])
     draft_config.target_hidden_size = int(config.get("target_hidden_size", config["hidden_size"]))
     layers = feature_layers_of(config, path, base_num_layers)
-    if base_num_layers is not None:
-        check_capturable(layers, base_num_layers)
+    # Any HF index works for medusaforge's own decoder (the last one is HF's post-norm output);
+    # only the export needs indices the engines capture (engine_config checks that).
+    if base_num_layers is not None and not all(0 <= i <= base_num_layers for i in layers):
+        raise ValueError(f"{path}: feature layers {layers} are not hidden_states indices of a {base_num_layers}-layer base")
     draft_config.eagle_config = {"eagle_aux_hidden_state_layer_ids": layers}
     return draft_config
 
