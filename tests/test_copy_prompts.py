@@ -18,6 +18,8 @@ def test_at_least_40_distinct_prompts_of_every_kind(prompts):
     kinds = collections.Counter(p.kind for p in prompts)
     assert kinds == {"mt-bench": 13, "chitchat-extract": 12, "chitchat-rewrite": 10, "chitchat-question": 10}
     assert len({p.messages[0]["content"] for p in prompts}) == len(prompts)
+    # Kinds in turn, so a short prefix (--limit 8) already mixes all four.
+    assert len({p.kind for p in prompts[:4]}) == 4 and len({p.kind for p in prompts[4:8]}) == 4
 
 
 def test_every_prompt_carries_the_text_its_answer_copies_from(prompts):

@@ -18,6 +18,7 @@ the base model's own, so no reply the heads trained on is an answer in this set.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -61,18 +62,22 @@ class CopyPrompt:
 
 
 def copy_heavy_prompts(mt_bench_file: Path) -> list[CopyPrompt]:
-    """Every prompt of the set, in a fixed order: MT-Bench's first, then the chitchat kinds.
+    """Every prompt of the set, in a fixed order: one of each kind in turn (MT-Bench, extract,
+    rewrite, question) until a kind runs out.
     mt_bench_file: MT-Bench's question.jsonl (data/prompts.py finds the installed one)."""
     conversations = _chitchat_conversations()
     rng = random.Random(SEED)
     transcripts = [t for t in map(_transcript, conversations) if TRANSCRIPT_CHARS[0] <= len(t) <= TRANSCRIPT_CHARS[1]]
     paragraphs = sorted({p for c in conversations for p in _messages(c) if PARAGRAPH_CHARS[0] <= len(p) <= PARAGRAPH_CHARS[1]})
     picked = rng.sample(transcripts, NUM_EXTRACT + NUM_QUESTION)
-    prompts = _mt_bench_prompts(mt_bench_file)
-    prompts += [CopyPrompt("chitchat-extract", EXTRACT_REQUESTS[i % len(EXTRACT_REQUESTS)], t) for i, t in enumerate(picked[:NUM_EXTRACT])]
-    prompts += [CopyPrompt("chitchat-rewrite", REWRITE_REQUESTS[i % len(REWRITE_REQUESTS)], p) for i, p in enumerate(rng.sample(paragraphs, NUM_REWRITE))]
-    prompts += [CopyPrompt("chitchat-question", QUESTION_REQUESTS[i % len(QUESTION_REQUESTS)], t) for i, t in enumerate(picked[NUM_EXTRACT:])]
-    return prompts
+    kinds = [
+        _mt_bench_prompts(mt_bench_file),
+        [CopyPrompt("chitchat-extract", EXTRACT_REQUESTS[i % len(EXTRACT_REQUESTS)], t) for i, t in enumerate(picked[:NUM_EXTRACT])],
+        [CopyPrompt("chitchat-rewrite", REWRITE_REQUESTS[i % len(REWRITE_REQUESTS)], p) for i, p in enumerate(rng.sample(paragraphs, NUM_REWRITE))],
+        [CopyPrompt("chitchat-question", QUESTION_REQUESTS[i % len(QUESTION_REQUESTS)], t) for i, t in enumerate(picked[NUM_EXTRACT:])],
+    ]
+    # Kinds taken in turn, so any prefix (--limit N) mixes all of them.
+    return [prompt for group in itertools.zip_longest(*kinds) for prompt in group if prompt is not None]
 
 
 def _mt_bench_prompts(path: Path) -> list[CopyPrompt]:
