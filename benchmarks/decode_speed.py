@@ -21,7 +21,9 @@ from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate, speculative_generate
 from medusaforge.decoding.loading import adaptive_drafting, hf_greedy, hf_prompt_lookup, load_for_decoding, stop_token_ids
 from medusaforge.decoding.tree import default_tree, load_tree
-from medusaforge.drafters.eagle3_proposer import DynamicTree, find_eagle3_folder, load_eagle3_proposer
+from medusaforge.decoding.loading import load_eagle3_proposer
+from medusaforge.drafters.eagle3_proposer import DynamicTree
+from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.hybrid import accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
 

@@ -13,7 +13,8 @@ from medusaforge.decoding.decoder import speculative_generate
 from medusaforge.decoding.loading import hf_greedy
 from medusaforge.decoding.verify import new_cache, prefill, verify_step
 from medusaforge.drafters.eagle3 import DraftKVCache, Eagle3Draft, draft_config_from_base
-from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer, load_eagle3_proposer
+from medusaforge.decoding.loading import load_eagle3_proposer
+from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer
 from medusaforge.interop.eagle3_layout import export_eagle3
 
 VOCAB, HIDDEN, LAYERS, CYCLE = 256, 32, 4, 16

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from medusaforge.config import dtype_option, option
-from medusaforge.drafters.eagle3_proposer import find_eagle3_folder
+from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.medusa_heads import CONFIG_FILE, MedusaHeads
 from medusaforge.files import atomic_write_text, refuse_non_empty, staging_directory
 from medusaforge.interop import layouts as formats

@@ -13,7 +13,9 @@ from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate, speculative_generate
 from medusaforge.decoding.loading import adaptive_drafting, load_for_decoding, pick_tree, stop_token_ids
 from medusaforge.decoding.eagle_tree_search import load_eagle_tree
-from medusaforge.drafters.eagle3_proposer import DynamicTree, find_eagle3_folder, load_eagle3_for_decoding
+from medusaforge.decoding.loading import load_eagle3_for_decoding
+from medusaforge.drafters.eagle3_proposer import DynamicTree
+from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.models import DEFAULT_MODEL
 

@@ -29,7 +29,7 @@ from medusaforge.decoding.tree_search import (
     time_steps,
     truth_ranks,
 )
-from medusaforge.drafters.eagle3_proposer import find_eagle3_folder
+from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.models import DEFAULT_MODEL
 
 

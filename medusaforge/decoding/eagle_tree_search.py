@@ -26,7 +26,8 @@ from medusaforge.decoding.cost import choose_draft_size, fit_step_cost
 from medusaforge.decoding.decoder import speculative_generate
 from medusaforge.decoding.loading import stop_token_ids
 from medusaforge.decoding.verify import crop_cache, new_cache, prefill, verify_step
-from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer, load_eagle3_for_decoding
+from medusaforge.decoding.loading import load_eagle3_for_decoding
+from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer
 from medusaforge.drafters.proposer import root_only
 from medusaforge.files import atomic_write_text
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from medusaforge.decoding.adaptive import AdaptiveDrafting
 from medusaforge.decoding.cost import StepCost
 from medusaforge.decoding.tree import default_tree, load_tree, load_tree_metadata
+from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer, prepare_draft
 from medusaforge.drafters.medusa_proposer import prepare_heads
+from medusaforge.interop.eagle3_layout import import_eagle3
 from medusaforge.interop.importer import import_heads
 from medusaforge.models import load_base_model, load_tokenizer, resolve_device, resolve_dtype
 
@@ -80,3 +84,18 @@ def hf_prompt_lookup(base, input_ids: torch.Tensor, max_new_tokens: int, eos: li
         eos_token_id=eos, pad_token_id=eos[0] if eos else 0, prompt_lookup_num_tokens=num_tokens,
     )
     return output[0, len(input_ids) :].tolist()
+
+
+def load_eagle3_proposer(directory: str | os.PathLike, base: nn.Module, tree: DynamicTree | None = None) -> Eagle3Proposer:
+    """An EAGLE-3 folder (ours or SpecForge's layout) -> a proposer ready for `base`."""
+    base_layers = base.config.get_text_config().num_hidden_layers
+    draft = import_eagle3(directory, base.get_input_embeddings(), base_num_layers=base_layers)
+    return Eagle3Proposer(prepare_draft(draft, base), tree)
+
+
+def load_eagle3_for_decoding(model: str, drafter: str | os.PathLike, dtype: str, device: str, tree: DynamicTree | None = None):
+    """-> (tokenizer, base, proposer) for `speculative_generate`, all on one device and dtype."""
+    torch_device = resolve_device(device)
+    tokenizer = load_tokenizer(model)
+    base = load_base_model(model, dtype=resolve_dtype(dtype, torch_device), device=torch_device)
+    return tokenizer, base, load_eagle3_proposer(drafter, base, tree)

@@ -21,7 +21,6 @@ entries are recomputed from the base's features there, as EAGLE does).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -151,36 +150,3 @@ class Eagle3Proposer:
         draft_ids = torch.tensor([nodes[i].draft_id for i in order], dtype=torch.long, device=device)
         tokens = torch.cat([torch.tensor([root], device=device), self.draft.to_target(draft_ids)])
         return DraftTree(tokens, parents)
-
-
-def load_eagle3_proposer(directory: str | os.PathLike, base: nn.Module, tree: DynamicTree | None = None) -> Eagle3Proposer:
-    """An EAGLE-3 folder (ours or SpecForge's layout) -> a proposer ready for `base`."""
-    from medusaforge.interop.eagle3_layout import import_eagle3
-
-    base_layers = base.config.get_text_config().num_hidden_layers
-    draft = import_eagle3(directory, base.get_input_embeddings(), base_num_layers=base_layers)
-    return Eagle3Proposer(prepare_draft(draft, base), tree)
-
-
-def load_eagle3_for_decoding(model: str, drafter: str | os.PathLike, dtype: str, device: str, tree: DynamicTree | None = None):
-    """-> (tokenizer, base, proposer) for `speculative_generate`, all on one device and dtype."""
-    from medusaforge.models import load_base_model, load_tokenizer, resolve_device, resolve_dtype
-
-    torch_device = resolve_device(device)
-    tokenizer = load_tokenizer(model)
-    base = load_base_model(model, dtype=resolve_dtype(dtype, torch_device), device=torch_device)
-    return tokenizer, base, load_eagle3_proposer(drafter, base, tree)
-
-
-def find_eagle3_folder(path: str | os.PathLike | None):
-    """The EAGLE-3 folder at `path` or in its draft/ subfolder (a `train --method eagle3` output), else None."""
-    from pathlib import Path
-
-    from medusaforge.interop.eagle3_layout import is_eagle3_folder
-
-    if path is None:
-        return None
-    for folder in (Path(path), Path(path) / "draft"):
-        if is_eagle3_folder(folder):
-            return folder
-    return None

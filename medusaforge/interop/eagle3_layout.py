@@ -304,3 +304,13 @@ def convert_folder(
     config = engine_config(draft.config, dtype or draft.fc.weight.dtype, base_num_layers, extra)
     card = eagle3_card(config, str(out), base_model_id, eval_results, data)
     return write_layout(out, engine_tensors(draft, dtype), config, card, overwrite)
+
+
+def find_eagle3_folder(path: str | os.PathLike | None):
+    """The EAGLE-3 folder at `path` or in its draft/ subfolder (a `train --method eagle3` output), else None."""
+    if path is None:
+        return None
+    for folder in (Path(path), Path(path) / "draft"):
+        if is_eagle3_folder(folder):
+            return folder
+    return None
