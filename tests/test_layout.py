@@ -8,6 +8,19 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medusaforge"
 MAX_LINES = 400
+# Which stage may import which (docs/design.md draws the same picture). Anything else is refused.
+ALLOWED = {
+    "config": set(),
+    "files": set(),
+    "models": {"files"},
+    "data": {"files", "models"},
+    "drafters": {"files", "models"},
+    "interop": {"drafters", "files", "models"},
+    "training": {"config", "data", "drafters", "interop", "files", "models"},
+    "decoding": {"data", "drafters", "interop", "files", "models"},
+    "commands": {"config", "data", "drafters", "interop", "training", "decoding", "files", "models"},
+    "cli": {"config"},
+}
 
 
 def module_name(path: Path) -> str:
@@ -43,6 +56,16 @@ def test_library_modules_never_import_commands_and_commands_never_import_each_ot
             if target.startswith("medusaforge.commands.") and name != "medusaforge.cli":
                 offenders.append(f"{name} imports {target}")
     assert not offenders, "\n".join(offenders)
+
+
+def stage(module: str) -> str:
+    return module.split(".")[1]
+
+
+def test_imports_flow_down_the_stages():
+    wrong = [f"{name} imports {target}" for name, imports in import_graph().items() if name != "medusaforge"
+             for target in imports if stage(target) != stage(name) and stage(target) not in ALLOWED[stage(name)]]
+    assert not wrong, "\n".join(wrong)
 
 
 def find_circles(graph: dict[str, set[str]]) -> list[str]:
