@@ -72,9 +72,14 @@ def top1_agreement(
     hidden] with token_map (None: already full vocabulary); full_rows [vocab, hidden]. Computed in
     float32 so that the comparison is about the rows, not rounding.
     """
-    transformed = transformed.float()
-    return float((trained_top1(transformed, trained_rows.float(), token_map, full_rows.shape[0])
-                  == F.linear(transformed, full_rows.float()).argmax(-1)).float().mean()) if len(transformed) else 1.0
+    if not len(transformed):
+        return 1.0
+    trained_rows, full_rows, kept = trained_rows.float(), full_rows.float(), 0
+    # In chunks: [N, vocab] float32 logits for 20k states and SmolLM2's 49k tokens would be 3.9 GB.
+    for chunk in transformed.float().split(1024):
+        kept += int((trained_top1(chunk, trained_rows, token_map, full_rows.shape[0])
+                     == F.linear(chunk, full_rows).argmax(-1)).sum())
+    return kept / len(transformed)
 
 
 def trained_top1(transformed: torch.Tensor, rows: torch.Tensor, token_map: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
