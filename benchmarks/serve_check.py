@@ -120,14 +120,18 @@ def run_mode(mode: str, args) -> dict:
     return report
 
 
-def run_in_subprocess(mode: str, args, workdir: Path) -> dict:
+def run_in_subprocess(mode: str, args, workdir: Path, log_dir: Path) -> dict:
     out = workdir / f"{mode}.json"
+    log = log_dir / f"{mode}.log"
     command = [sys.executable, __file__, "--only", mode, "--report", str(out)] + args.passthrough
-    result = subprocess.run(command, text=True, capture_output=True)
+    with open(log, "w") as handle:
+        result = subprocess.run(command, text=True, stdout=handle, stderr=subprocess.STDOUT)
     if result.returncode != 0 or not out.is_file():
-        tail = (result.stderr or result.stdout)[-1500:]
-        return {"mode": mode, "loaded": False, "error": tail.strip().splitlines()[-1] if tail.strip() else "no output",
-                "log_tail": tail}
+        lines = log.read_text(errors="replace").splitlines()
+        # The engine core fails in a child process; its own error comes before the parent's summary.
+        errors = [line.strip() for line in lines if "Error" in line and "Engine core initialization failed" not in line]
+        return {"mode": mode, "loaded": False, "error": (errors[-1] if errors else lines[-1] if lines else "no output"),
+                "log": str(log)}
     return json.loads(out.read_text())
 
 
@@ -137,7 +141,7 @@ def table(reports: list[dict]) -> str:
             "tok/s one at a time | tok/s batched | vs plain (one / batched) |", "|" + "---|" * 8]
     for r in reports:
         if not r.get("loaded"):
-            rows.append(f"| {r['mode']} | no: {r.get('error', '')[:80]} | | | | | | |")
+            rows.append(f"| {r['mode']} | no: {r.get('error', '')[:160]} | | | | | | |")
             continue
         one, batched = r["one_at_a_time"], r["batched"]
         identical = "-" if plain is None else (
@@ -192,9 +196,11 @@ def main(argv=None) -> int:
     modes = ["plain", "ngram"] + (["medusa"] if args.medusa else []) + (["eagle3"] if args.eagle3 else [])
     reports = []
     with tempfile.TemporaryDirectory() as workdir:
+        log_dir = args.out.parent if args.out else Path(workdir)
+        log_dir.mkdir(parents=True, exist_ok=True)
         for mode in modes:
             start = time.perf_counter()
-            reports.append(run_in_subprocess(mode, args, Path(workdir)))
+            reports.append(run_in_subprocess(mode, args, Path(workdir), log_dir))
             print(f"{mode}: {'loaded' if reports[-1].get('loaded') else 'FAILED'} in {time.perf_counter() - start:.0f} s",
                   flush=True)
     print(f"\n{reports[0].get('num_prompts', args.num_prompts)} MT-Bench first turns, greedy, "
