@@ -132,8 +132,7 @@ def _export_eagle3(config: ExportConfig, folder: Path | None) -> Path:
 def _agreement(config: ExportConfig, heads: MedusaHeads, base_weight: torch.Tensor | None) -> dict | None:
     """How often each head's top-1 survives the layout, on real hidden states; None when the layout
     is exact (no widening) or no --hidden-cache was given (then it says so)."""
-    exact = heads.token_map is None or (heads.config.shared_lm_head and config.format == formats.VLLM)
-    if exact:
+    if not formats.widened(heads):
         return None
     fill = formats.FILL_FOR_FORMAT[config.format]
     if not config.hidden_cache:

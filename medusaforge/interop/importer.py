@@ -155,7 +155,8 @@ def _unshare_if_not_base(heads: MedusaHeads, base_weight: torch.Tensor, source: 
     shared = heads.shared_weight
     if not heads.config.shared_lm_head or shared is None or tuple(shared.shape) != tuple(base_weight.shape):
         return heads
-    if torch.equal(shared.to(base_weight.dtype).cpu(), base_weight.detach().cpu()):
+    rows = slice(None) if heads.token_map is None else heads.token_map.cpu()  # a widened export: the mapped rows
+    if torch.equal(shared.to(base_weight.dtype).cpu()[rows], base_weight.detach().cpu()[rows]):
         return heads
     warnings.warn(f"{source}: the checkpoint's shared lm_head differs from the base model's; each head gets a copy",
                   FormatWarning, stacklevel=3)

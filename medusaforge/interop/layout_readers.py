@@ -32,7 +32,7 @@ def from_vllm(tensors: dict, config: dict, source: str = "vllm checkpoint") -> M
     token_map = tensors.get("token_map") if head_vocab < vocab_size else None
     # Our export widens per-head truncated rows to the full vocabulary (vLLM needs them so) and keeps
     # the token map, which vLLM ignores then: the trained rows are the ones at the map.
-    restore_truncated = (head_vocab == vocab_size and "token_map" in tensors and not original_lm_head
+    restore_truncated = (head_vocab == vocab_size and "token_map" in tensors
                          and int(provenance.get("head_vocab_size") or vocab_size) < vocab_size)
     if restore_truncated:
         token_map = tensors["token_map"]
@@ -60,7 +60,10 @@ def from_vllm(tensors: dict, config: dict, source: str = "vllm checkpoint") -> M
         projections = {0: _require(lm_heads, 0, source, "lm_heads.0.weight")}
     else:
         projections = {k: _require(lm_heads, k, source, f"lm_heads.{k}.weight") for k in range(num_heads)}
-    if token_map is not None:
+    # Our widened shared head: its full rows hold the base lm_head's rows at the map, all that a
+    # shared head with a token map reads, so it stays shared.
+    ours_shared = original_lm_head and provenance.get("shared_lm_head") and projections[0].shape[0] == vocab_size
+    if token_map is not None and not ours_shared:
         # Full-vocabulary rows: keep the mapped ones (vLLM's loader slices a shared lm_head the same way).
         projections = {k: w[token_map.long()] if w.shape[0] > head_vocab else w for k, w in projections.items()}
         if original_lm_head:

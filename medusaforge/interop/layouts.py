@@ -54,20 +54,23 @@ class FormatWarning(UserWarning):
 
 
 def widened(heads: MedusaHeads) -> bool:
-    """True when the export must widen per-head truncated rows to the full vocabulary."""
-    return heads.token_map is not None and not heads.config.shared_lm_head
+    """True when the export widens truncated rows to the full vocabulary (every layout we write
+    does: vLLM 0.32 cannot load a truncated vocabulary at all, see to_vllm)."""
+    return heads.token_map is not None
 
 
 def to_vllm(heads: MedusaHeads, base_lm_head_weight: torch.Tensor | None = None) -> tuple[dict, dict]:
     """Our heads -> (vLLM tensors, vLLM config.json dict).
 
     - Own projections, full vocabulary: `lm_heads.{k}` as they are.
-    - Own projections, truncated: vLLM cannot take per-head truncated rows, so `lm_heads.{k}` are
-      widened with shadow rows and `truncated_vocab_size` is the full vocabulary. `token_map` is
-      still written: vLLM ignores it then, and our import uses it to restore the trained heads.
     - Shared lm_head: `original_lm_head: true`, which reads one projection from
-      `lm_heads.0.weight` in the checkpoint (not from the base model), so it needs the base weight;
-      with a token map, full rows plus `token_map` (the loader slices them): exact.
+      `lm_heads.0.weight` in the checkpoint (not from the base model), so it needs the base weight.
+    - Truncated (own or shared): vLLM builds per-head lm_heads over the full vocabulary, and with
+      `truncated_vocab_size < vocab_size` its loader turns `token_map` into a parameter that it
+      then reports as "not initialized from checkpoint" (vLLM 0.32: no truncated checkpoint
+      loads). So the rows are widened with shadow rows and `truncated_vocab_size` is the full
+      vocabulary. `token_map` is still written: vLLM ignores it then, and our import uses it to
+      restore the trained heads.
     """
     config = heads.config
     tensors = {}
@@ -78,7 +81,7 @@ def to_vllm(heads: MedusaHeads, base_lm_head_weight: torch.Tensor | None = None)
         if not config.shared_lm_head:
             tensors[f"lm_heads.{k}.weight"] = _head_rows(heads, k, FILL_FOR_FORMAT[VLLM])
     if config.shared_lm_head:
-        tensors["lm_heads.0.weight"] = _shared_weight(heads, base_lm_head_weight)
+        tensors["lm_heads.0.weight"] = _shared_rows(heads, base_lm_head_weight, FILL_FOR_FORMAT[VLLM])
     if heads.token_map is not None:
         tensors["token_map"] = heads.token_map
     engine_config = {
@@ -124,11 +127,8 @@ def to_medusa(
             tensors[f"{k}.{l}.linear.weight"] = block.linear.weight
             tensors[f"{k}.{l}.linear.bias"] = block.linear.bias
         if config.shared_lm_head:
-            shared = _shared_weight(heads, base_lm_head_weight)
-            if heads.token_map is not None:
-                shared = full_vocab_rows(shared[heads.token_map.to(shared.device)], heads.token_map, config.vocab_size, fill)
             # Copies, not one shared tensor: safetensors refuses tensors that share storage.
-            tensors[f"{k}.{config.num_layers}.weight"] = shared.clone()
+            tensors[f"{k}.{config.num_layers}.weight"] = _shared_rows(heads, base_lm_head_weight, fill).clone()
         else:
             tensors[f"{k}.{config.num_layers}.weight"] = _head_rows(heads, k, fill)
     engine_config = {
@@ -148,11 +148,7 @@ def to_medusa(
 def exported_rows(heads: MedusaHeads, fmt: str, base_lm_head_weight: torch.Tensor | None = None) -> list[torch.Tensor]:
     """[vocab, hidden] per head: the projection an engine runs after loading `fmt` (for agreement checks)."""
     if heads.config.shared_lm_head:
-        shared = _shared_weight(heads, base_lm_head_weight)
-        if heads.token_map is None or fmt == VLLM:  # vLLM slices the shared rows by token_map: exact
-            return [shared] * heads.num_heads
-        return [full_vocab_rows(shared[heads.token_map.to(shared.device)], heads.token_map, heads.config.vocab_size,
-                                FILL_FOR_FORMAT[fmt])] * heads.num_heads
+        return [_shared_rows(heads, base_lm_head_weight, FILL_FOR_FORMAT[fmt])] * heads.num_heads
     return [_head_rows(heads, k, FILL_FOR_FORMAT[fmt]) for k in range(heads.num_heads)]
 
 
@@ -161,6 +157,15 @@ def _head_rows(heads: MedusaHeads, k: int, fill: str) -> torch.Tensor:
     if heads.token_map is None:
         return weight
     return full_vocab_rows(weight, heads.token_map, heads.config.vocab_size, fill)
+
+
+def _shared_rows(heads: MedusaHeads, base_lm_head_weight: torch.Tensor | None, fill: str) -> torch.Tensor:
+    """[vocab, hidden]: the base lm_head, or with a token map its mapped rows widened by `fill`."""
+    shared = _shared_weight(heads, base_lm_head_weight)
+    if heads.token_map is None:
+        return shared
+    token_map = heads.token_map.to(shared.device)
+    return full_vocab_rows(shared[token_map], token_map, heads.config.vocab_size, fill)
 
 
 def _shared_weight(heads: MedusaHeads, base_lm_head_weight: torch.Tensor | None) -> torch.Tensor:

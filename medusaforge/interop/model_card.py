@@ -117,9 +117,9 @@ def _measured(results: dict | None) -> list[str]:
 
 def _widened_section(config: HeadsConfig, fmt: str, agreement: dict | None) -> list[str]:
     truncated = config.head_vocab_size != config.vocab_size
-    if not truncated or (config.shared_lm_head and fmt == "vllm"):
+    if not truncated:
         return []
-    layout = "vLLM builds every per-head projection over the full vocabulary" if fmt == "vllm" else \
+    layout = "vLLM 0.32 loads no truncated vocabulary" if fmt == "vllm" else \
         "the original Medusa layout has no token map"
     fill = agreement["fill"] if agreement else FILL_FOR_FORMAT[fmt]
     how = ("each copies the row of the nearest trained token with a lower id, so it ties with that token and "
