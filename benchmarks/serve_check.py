@@ -15,7 +15,11 @@ one prompt at a time and batched, and each speed against plain greedy.
 vLLM CPU settings that matter (printed with their values):
   VLLM_CPU_OMP_THREADS_BIND  which cores the OpenMP threads are pinned to ("auto": all the cores of
                              the NUMA node; on a shared machine, pin to free cores, or "all")
-  VLLM_CPU_KVCACHE_SPACE     GiB reserved for the KV cache (default 4); must fit in RAM next to the model
+  VLLM_CPU_KVCACHE_SPACE     GiB reserved for the KV cache (vLLM's default 4; serve_check.sh sets 1,
+                             45k tokens of SmolLM2's cache); must fit in RAM next to the model
+  gpu_memory_utilization     on the CPU backend, the fraction of the NUMA node's memory vLLM reserves
+                             (default 0.92, refused at start-up when other processes hold more);
+                             --memory-fraction, 0.3 here
   dtype                      bfloat16 only where the CPU has native bf16 (avx512_bf16 or amx_bf16);
                              otherwise float32, as bf16 emulation is slower than fp32
 """
@@ -101,6 +105,7 @@ def run_mode(mode: str, args) -> dict:
     start = time.perf_counter()
     llm = LLM(model=args.base, dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
               speculative_config=speculative_config(mode, args), disable_log_stats=False,
+              gpu_memory_utilization=args.memory_fraction,
               enforce_eager=args.enforce_eager)  # stats on: the spec-decode counters are only kept then
     load_seconds = time.perf_counter() - start
     tokenizer = llm.get_tokenizer()
@@ -168,6 +173,8 @@ def parse_args(argv=None):
     parser.add_argument("--eagle3-k", type=int, default=3)
     parser.add_argument("--dtype", default=default_dtype(cpu_bf16_flags()), help="default: bfloat16 with native bf16, else float32")
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--memory-fraction", type=float, default=0.3,
+                        help="vLLM's gpu_memory_utilization: on a CPU, the share of RAM it reserves")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
                         help="skip torch.compile (minutes of start-up on a small CPU)")
     parser.add_argument("--out", type=Path, help="write every report (with token ids) as JSON here")
@@ -190,6 +197,7 @@ def main(argv=None) -> int:
         return 0
     settings = {"VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto (default)"),
                 "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4 GiB (default)"),
+                "gpu_memory_utilization": args.memory_fraction,
                 "dtype": args.dtype, "cpu_bf16_flags": cpu_bf16_flags() or "none (bf16 would be emulated)",
                 "cores": os.cpu_count(), "enforce_eager": args.enforce_eager}
     print("vLLM CPU settings:", json.dumps(settings))

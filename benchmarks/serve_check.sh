@@ -66,6 +66,8 @@ eagle3=()
 if [ -n "${EAGLE3:-}" ]; then
     eagle3=(--eagle3 "$EAGLE3")
 fi
+# 1 GiB of KV cache holds 45k tokens of SmolLM2's; vLLM's default 4 GiB need not be reserved.
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 "$VLLM_VENV/bin/python" benchmarks/serve_check.py --base "$BASE" --medusa "$OUT/heads-vllm" \
     --prompts "$OUT/prompts.json" --num-prompts "$NUM_PROMPTS" --max-tokens "$MAX_TOKENS" \
     --out "$OUT/report.json" "${eagle3[@]}"
