@@ -211,6 +211,7 @@ def main(argv=None) -> int:
             reports.append(run_in_subprocess(mode, args, Path(workdir), log_dir))
             print(f"{mode}: {'loaded' if reports[-1].get('loaded') else 'FAILED'} in {time.perf_counter() - start:.0f} s",
                   flush=True)
+            print(table(reports).splitlines()[-1], flush=True)  # the row so far, in case a later mode never ends
     print(f"\n{reports[0].get('num_prompts', args.num_prompts)} MT-Bench first turns, greedy, "
           f"max {args.max_tokens} new tokens, {args.dtype}:\n")
     print(table(reports))
