@@ -4,7 +4,8 @@ Every variant runs on the same prompts in one process, interleaved prompt by pro
 warm-up, next to HF greedy (the reference for speed and identity). A variant "T+L" is the first T
 nodes of the shipped tree (listed best first) merged with a lookup chain of L tokens; T 0 is lookup
 alone, L 0 the heads alone; "T+L/n" matches n-grams of at least n tokens (default 1); "T+Ls" drafts
-L * n / 4 tokens after an n-token match (scale_by_match). Usage:
+L * n / 4 tokens after an n-token match (scale_by_match); "T+L@k" keeps only k heads' nodes after a match
+of 2+ tokens (model_nodes_on_match). Usage:
 
   python benchmarks/lookup_split.py --heads runs/demo/heads --sets mt-bench,copy-heavy --limit 8 \
       --variants 0+8,16+0,16+4,16+8,16+16,8+8,16+8/2
@@ -18,11 +19,12 @@ import time
 import torch
 
 from medusaforge.data.prompts import encode_prompt, load_prompts
-from medusaforge.decoding.decoder import medusa_generate
+from medusaforge.decoding.decoder import medusa_generate, speculative_generate
 from medusaforge.decoding.loading import hf_greedy, hf_prompt_lookup, load_for_decoding, stop_token_ids
 from medusaforge.decoding.tree import default_tree
-from medusaforge.drafters.hybrid import accept_by_source
+from medusaforge.drafters.hybrid import HybridProposer, accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
+from medusaforge.drafters.medusa_proposer import MedusaProposer
 
 
 def main() -> None:
@@ -43,11 +45,12 @@ def main() -> None:
     methods = {"hf greedy": lambda ids, n: (hf_greedy(base, ids, n, eos), [], [])}
     methods["hf prompt lookup (10)"] = lambda ids, n: (hf_prompt_lookup(base, ids, n, eos, 10), [], [])
     for variant in args.variants.split(","):
-        sizes, _, min_ngram = variant.partition("/")
+        variant_sizes, _, on_match = variant.partition("@")
+        sizes, _, min_ngram = variant_sizes.partition("/")
         nodes, lookup_tokens = sizes.split("+")
         count, scaled = int(lookup_tokens.rstrip("s")), lookup_tokens.endswith("s")
         lookup = LookupProposer(num_tokens=count, min_ngram=int(min_ngram or 1), scale_by_match=scaled) if count > 0 else None
-        methods[variant] = make_method(base, heads, eos, tree[: int(nodes)], lookup)
+        methods[variant] = make_method(base, heads, eos, tree[: int(nodes)], lookup, int(on_match) if on_match else None)
 
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
     print(f"{dtype}, {torch.get_num_threads()} threads, default tree {len(tree)} nodes, {args.max_new_tokens} new tokens", flush=True)
@@ -80,8 +83,12 @@ def main() -> None:
             print(f"| {name} | {tps:.1f} | {tps / greedy:.2f}x | {accept:.2f} | {identical[name]}/{len(encoded)} | {where} |", flush=True)
 
 
-def make_method(base, heads, eos, tree, lookup):
+def make_method(base, heads, eos, tree, lookup, model_nodes_on_match):
     def run(ids, n):
+        if lookup is not None and tree:
+            proposer = HybridProposer(MedusaProposer(heads, tree), lookup, model_nodes_on_match=model_nodes_on_match)
+            result = speculative_generate(base, proposer, ids, n, eos)
+            return result.tokens, [source for source, _ in proposer.steps], result.accepted
         result = medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup)
         sources = result.sources if lookup is not None else ["heads" if a else "none" for a in result.accepted]
         return result.tokens, sources, result.accepted

@@ -192,3 +192,18 @@ def test_hybrid_puts_the_lookup_chain_first_only_after_a_long_enough_match():
     draft = hybrid.propose([1, 2, 3, 9, 1, 2, 7, 9], prefill)
     assert draft.tokens.tolist() == [9, 50, 52, 53, 1, 2]
     assert draft.parents == (-1, 0, 0, 1, 0, 4)
+
+
+def test_hybrid_cuts_the_heads_tree_after_a_long_match_when_asked():
+    from medusaforge.drafters.proposer import Verified
+
+    heads = MedusaProposer(None, [[0], [1], [0, 0]], candidates=lambda hidden, tokens: torch.tensor([[50, 52], [53, 54]]))
+    hybrid = HybridProposer(heads, LookupProposer(num_tokens=2, min_ngram=1, max_ngram=3), model_nodes_on_match=1)
+    prefill = Verified(start=0, tokens=[1, 2, 3, 9], next_token=1, hidden=torch.zeros(4, 8))
+    hybrid.update(prefill)
+    # The 2-gram [1, 2] matched: the chain 3 9, then only the heads' first node (50).
+    draft = hybrid.propose([1, 2, 3, 9, 1, 2], prefill)
+    assert draft.tokens.tolist() == [2, 3, 9, 50] and draft.parents == (-1, 0, 1, 0)
+    # A 1-gram match is not long: the heads' whole tree stays.
+    hybrid.update(prefill)
+    assert hybrid.propose([1, 2, 3, 9, 1, 2, 7, 9], prefill).tokens.tolist() == [9, 50, 52, 53, 1, 2]

@@ -26,9 +26,20 @@ class HybridProposer:
     path ("heads", "lookup", "both" or "none") and how many candidates were accepted.
     """
 
-    def __init__(self, model: Proposer, lookup: LookupProposer, lookup_first_ngram: int = 2, model_name: str = "heads") -> None:
+    def __init__(
+        self,
+        model: Proposer,
+        lookup: LookupProposer,
+        lookup_first_ngram: int = 2,
+        model_name: str = "heads",
+        model_nodes_on_match: int | None = None,
+    ) -> None:
+        """model_nodes_on_match: after a lookup match of at least lookup_first_ngram tokens, keep only
+        the first k candidate nodes of the model's tree (None: all). A long match is usually right,
+        and verify slots spent on the heads then cost more than they bring (benchmarks/lookup_split.py)."""
         self.model, self.lookup = model, lookup
         self.lookup_first_ngram = lookup_first_ngram
+        self.model_nodes_on_match = model_nodes_on_match
         self.model_name = model_name
         self.feature_layers = tuple(model.feature_layers)
         self.steps: list[tuple[str, int]] = []
@@ -47,11 +58,14 @@ class HybridProposer:
     def propose(self, tokens: list[int], verified: Verified) -> DraftTree | None:
         model_draft = self.model.propose(tokens, verified)
         lookup_draft = self.lookup.draft(tokens, verified.hidden.device)
+        long_match = lookup_draft is not None and self.lookup.index.longest_match()[0] >= self.lookup_first_ngram
+        if long_match and model_draft is not None and self.model_nodes_on_match is not None:
+            model_draft = model_draft.truncated(1 + self.model_nodes_on_match)
         drafts = {name: d for name, d in ((self.model_name, model_draft), ("lookup", lookup_draft)) if d is not None}
         if not drafts:
             return None
         names = list(drafts)
-        if len(names) == 2 and self.lookup.index.longest_match()[0] >= self.lookup_first_ngram:
+        if len(names) == 2 and long_match:
             names.reverse()
         # note: tokens.tolist() is a host sync for drafts on an accelerator; the verify pass syncs anyway.
         merged = merge_trees([(drafts[name].tokens.tolist(), drafts[name].parents) for name in names])
