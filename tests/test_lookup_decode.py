@@ -113,7 +113,7 @@ def test_hybrid_is_lossless_and_names_the_source_of_each_accepted_path(
     heads = MedusaProposer(None, TREE, candidates=oracle_heads(reference, heads_right))
     lookup_reference = right_reference(expected) if lookup_right else wrong_reference(expected)
     lookup = LookupProposer(num_tokens=lookup_tokens, min_ngram=NGRAM, max_ngram=NGRAM, reference=lookup_reference)
-    proposer = HybridProposer(heads, lookup)
+    proposer = HybridProposer(heads, lookup, model_nodes_on_match=None)  # merging only: no cut
     result = speculative_generate(base, proposer, PROMPT, NEW_TOKENS)
     assert result.tokens == expected[:NEW_TOKENS]
     steps = proposer.steps[:-1]  # the last step may be cut short by max_new_tokens
@@ -179,7 +179,8 @@ def test_hybrid_puts_the_lookup_chain_first_only_after_a_long_enough_match():
 
     # Heads always propose 50 -> 51 (top-1 of head 0) and 52 (rank 1), 53 under 50 (head 1).
     heads = MedusaProposer(None, [[0], [1], [0, 0]], candidates=lambda hidden, tokens: torch.tensor([[50, 52], [53, 54]]))
-    hybrid = HybridProposer(heads, LookupProposer(num_tokens=2, min_ngram=1, max_ngram=3), lookup_first_ngram=2)
+    lookup = LookupProposer(num_tokens=2, min_ngram=1, max_ngram=3, scale_by_match=False)
+    hybrid = HybridProposer(heads, lookup, lookup_first_ngram=2, model_nodes_on_match=None)
     prefill = Verified(start=0, tokens=[1, 2, 3, 9], next_token=1, hidden=torch.zeros(4, 8))
     hybrid.update(prefill)
     # ... 1 2 3 9 1 2: the 2-gram [1, 2] matched, so the chain 3 9 takes nodes 1-2 and the heads follow.
@@ -198,7 +199,7 @@ def test_hybrid_cuts_the_heads_tree_after_a_long_match_when_asked():
     from medusaforge.drafters.proposer import Verified
 
     heads = MedusaProposer(None, [[0], [1], [0, 0]], candidates=lambda hidden, tokens: torch.tensor([[50, 52], [53, 54]]))
-    hybrid = HybridProposer(heads, LookupProposer(num_tokens=2, min_ngram=1, max_ngram=3), model_nodes_on_match=1)
+    hybrid = HybridProposer(heads, LookupProposer(num_tokens=2, min_ngram=1, max_ngram=3, scale_by_match=False), model_nodes_on_match=1)
     prefill = Verified(start=0, tokens=[1, 2, 3, 9], next_token=1, hidden=torch.zeros(4, 8))
     hybrid.update(prefill)
     # The 2-gram [1, 2] matched: the chain 3 9, then only the heads' first node (50).

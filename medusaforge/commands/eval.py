@@ -46,7 +46,7 @@ class EvalConfig:
     tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count; with an EAGLE-3 --drafter: the file `tree --drafter` wrote")
     adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
     lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
-    lookup_tokens: int = option(8, "with --lookup: tokens per lookup chain")
+    lookup_tokens: int = option(16, "with --lookup: tokens per lookup chain after a full-length n-gram match (fewer after a shorter one)")
     dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     warmup_tokens: int = option(16, "tokens each decoder generates once before timing starts")

@@ -31,7 +31,7 @@ class GenerateConfig:
     limit: int = option(0, "with --prompts: use only the first N (0 = all)")
     tree: Path | None = option(None, "tree JSON (a list of paths); default: the shipped tree for the head count; with an EAGLE-3 --drafter: the file `tree --drafter` wrote")
     lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
-    lookup_tokens: int = option(8, "with --lookup: tokens per lookup chain")
+    lookup_tokens: int = option(16, "with --lookup: tokens per lookup chain after a full-length n-gram match (fewer after a shorter one)")
     adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
     drafter: Path | None = option(None, "drafter folder instead of --heads: an EAGLE-3 draft (train --method eagle3's OUT "
                                         "or OUT/draft, an export, SpecForge's) or a heads folder")

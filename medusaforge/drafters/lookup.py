@@ -115,13 +115,13 @@ class LookupProposer:
 
     def __init__(
         self,
-        num_tokens: int = 8,
+        num_tokens: int = 16,
         max_branches: int = 1,
         min_ngram: int = 1,
         max_ngram: int = 4,
         max_positions: int = 4,
         reference: Iterable[int] = (),
-        scale_by_match: bool = False,
+        scale_by_match: bool = True,
     ) -> None:
         """reference: tokens of a text the answers may copy besides their prompt (a document, a file
         being edited), indexed before every sequence; the prompt and the output are always indexed.
