@@ -135,9 +135,10 @@ def _check_base_tensors(path: Path, tensors: dict[str, torch.Tensor], parameters
 
 
 def load_checkpoint(directory: Path, optimizer=None, scheduler=None, base=None, restore_rng: bool = True, rank: int = 0,
-                    trainable_base: torch.nn.Module | None = None):
+                    trainable_base: torch.nn.Module | None = None, load_weights=None):
     """Load (heads, state dict) from a checkpoint folder, restoring optimizer/scheduler/RNG in place,
     and with `trainable_base`, that module's trainable parameters (Medusa-2) from base.safetensors.
+    `load_weights(folder)` reads the trained module for drafters other than Medusa heads (EAGLE-3).
 
     Every file is checked before anything is restored, so a refused checkpoint leaves the
     optimizer, scheduler and base as they were. Errors name the file.
@@ -154,7 +155,13 @@ def load_checkpoint(directory: Path, optimizer=None, scheduler=None, base=None, 
         raise ValueError(f"{state_path}: unreadable ({error})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("optimizer"), dict):
         raise ValueError(f"{state_path}: not a medusaforge training state (needs 'step' and 'optimizer')")
-    heads = load_heads(directory / "heads", base=base)
+    if load_weights is None:
+        heads = load_heads(directory / "heads", base=base)
+    else:
+        try:
+            heads = load_weights(directory / "heads")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{directory / 'heads'}: unreadable weights ({error})") from None
     base_tensors = base_parameters = None
     if trainable_base is not None:
         base_parameters = {n: p for n, p in trainable_base.named_parameters() if p.requires_grad}

@@ -29,20 +29,19 @@ from tqdm import tqdm
 from medusaforge.config import option
 from medusaforge.data.conversations import load_tokenized
 from medusaforge.drafters.draft_vocab import coverage, prediction_counts, select_draft_vocab, vocab_maps
-from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base
+from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base, load_draft
 from medusaforge.files import atomic_write_text
 from medusaforge.models import base_fingerprint, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
 from medusaforge.training.common import autocast_for, schedule_fingerprint, split_examples, write_checkpoint
 from medusaforge.training.distributed import (
     DistributedContext, all_reduce_sum, init_distributed, main_process_first, placeholder_slice, shutdown_distributed, wrap_heads_for_ddp,
 )
-from medusaforge.training.eagle3_checkpoint import resume_draft
 from medusaforge.training.eagle3_features import Eagle3OfflineBatches, Eagle3OnlineBatches
 from medusaforge.training.hidden_cache import HiddenCache
 from medusaforge.training.eagle3_loss import eagle3_losses, step_positions, step_weights
 from medusaforge.training.options import BaseModelOptions, DataOptions, OptimOptions, OutputOptions
 from medusaforge.training.setup import (
-    make_logger, micro_batches_of, open_metrics, optimizer_and_schedule, optimizer_step, prepare_output, total_steps_of,
+    make_logger, micro_batches_of, open_metrics, optimizer_and_schedule, optimizer_step, prepare_output, resume, total_steps_of,
     training_target_counts,
 )
 
@@ -189,7 +188,8 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
     micro_batches = micro_batches_of(config, train_indices, total_steps)
     schedule = schedule_fingerprint(config, len(train_indices), total_steps)
 
-    start_step, skipped_steps = resume_draft(config, out, draft, optimizer, scheduler, schedule, log, context.rank)
+    start_step, skipped_steps = resume(config, out, draft, optimizer, scheduler, schedule, log, context.rank,
+                                       load_weights=lambda folder: load_draft(folder, draft.embed_tokens))
     source.token_map = draft.to_target(torch.arange(draft_config.draft_vocab_size, device=device))  # a resume restores d2t
     draft_with_loss = wrap_heads_for_ddp(DraftWithLoss(draft, num_steps), context)
 

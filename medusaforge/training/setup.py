@@ -91,7 +91,8 @@ def micro_batches_of(config, train_indices: list[int], total_steps: int) -> list
     return batch_schedule(train_indices, config.batch_size, total_steps * config.grad_accum, config.seed)
 
 
-def resume(config, out: Path, heads, optimizer, scheduler, schedule: dict, log, rank: int = 0, base=None, trainable_base=None) -> tuple[int, int]:
+def resume(config, out: Path, heads, optimizer, scheduler, schedule: dict, log, rank: int = 0, base=None, trainable_base=None,
+           load_weights=None) -> tuple[int, int]:
     """Restore heads, optimizer, scheduler, RNG (and with `trainable_base`, its trainable weights)
     from --resume. -> (start step, NaN/inf steps skipped so far); (0, 0) without --resume."""
     if not config.resume:
@@ -103,7 +104,8 @@ def resume(config, out: Path, heads, optimizer, scheduler, schedule: dict, log, 
         try:
             # The optimizer state maps onto parameters by position, so it can be loaded before the
             # checkpoint's weights are copied into our (already registered) parameters.
-            resumed, state = load_checkpoint(checkpoint, optimizer, scheduler, base=base, rank=rank, trainable_base=trainable_base)
+            resumed, state = load_checkpoint(checkpoint, optimizer, scheduler, base=base, rank=rank, trainable_base=trainable_base,
+                                            load_weights=load_weights)
         except ValueError as error:
             if config.resume != "auto" or checkpoint == candidates[-1]:
                 raise
