@@ -167,7 +167,7 @@ def run(config: EvalConfig) -> dict:
         drafted += result.drafted
         sources += result.sources
         record.update(medusa_tokens=len(result.tokens), verify_steps=result.num_steps, medusa_s=medusa_time)
-        line += f" accept {sum(result.accept_lengths) / max(result.num_steps, 1):.2f}  medusa {len(result.tokens) / medusa_time:.1f} tok/s"
+        line += f" accept {sum(result.accept_lengths) / max(result.num_steps, 1):.2f}  drafted {len(result.tokens) / medusa_time:.1f} tok/s"
         if config.baseline:
             record["identical"] = identical = result.tokens == expected
             if not identical:
@@ -221,10 +221,10 @@ def run(config: EvalConfig) -> dict:
         report += "by source: " + "  ".join(f"{s} {v['share']:.0%} of steps, accept {v['accept_length']:.2f}" for s, v in by_source.items()) + "\n"
     if config.baseline:
         report += (
-            f"greedy {baseline_tps:.1f} tok/s  medusa {medusa_tps:.1f} tok/s  speedup {summary['speedup']:.2f}x  "
+            f"greedy {baseline_tps:.1f} tok/s  drafted {medusa_tps:.1f} tok/s  speedup {summary['speedup']:.2f}x  "
             f"identical {summary['num_identical']}/{len(chats)}\n"
         )
     else:
-        report += f"medusa {medusa_tps:.1f} tok/s (no baseline run: speedup and identity not measured)\n"
+        report += f"drafted {medusa_tps:.1f} tok/s (no baseline run: speedup and identity not measured)\n"
     print(report + f"wrote {config.json}", flush=True)
     return summary
