@@ -111,3 +111,14 @@ def test_rule_times_plain_steps_itself_without_a_given_cost():
     # a plain step costs 0.1 s, a 7-node draft 0.8 s: drafting never pays at 1 accepted token
     sizes = run_rule(rule, lambda step: [0, 1], seconds=lambda n: 0.1 + 0.1 * n)
     assert 0 in sizes[:16] and sizes[-4:].count(7) <= 1 and sizes.count(0) > 20
+
+
+def test_rule_stops_a_drafter_whose_fixed_cost_does_not_pay():
+    # An EAGLE-like drafter: running it costs 30 ms whatever the cut, a plain step 30 ms, and 1 of
+    # 16 nodes is accepted (1.6 tokens per 66 ms against 1 per 30 ms). A line through every size,
+    # plain included, puts the plain step near 49 ms and would keep drafting.
+    def seconds(n):
+        return 0.030 if n == 0 else 0.060 + 0.0004 * n
+
+    sizes = run_rule(AdaptiveDrafting(), lambda step: [0, 1] if step % 5 < 3 else [0], full=16, seconds=seconds)
+    assert sizes[-8:].count(0) >= 7

@@ -94,10 +94,14 @@ class AdaptiveDrafting:
     def cost(self) -> tuple[StepCost | None, float | None]:
         if self.given_cost is not None:
             return self.given_cost, self.given_plain
-        if len(self.timings) < 2:
+        drafted = sorted(n for n in self.timings if n > 0)
+        if not drafted or 0 not in self.timings:
             return None, None
-        # One point per size, its median: merged drafts (lookup) come in many sizes, and the fit is
-        # quadratic in its points; the median already discounts a size's odd slow step.
-        sizes = sorted(self.timings)
-        fitted = fit_step_cost(sizes, [statistics.median(self.timings[n]) for n in sizes])
-        return fitted, fitted(0)
+        # The plain step is its own median, never the line's intercept: a drafter that runs a model
+        # (EAGLE-3) costs the same whatever the cut, so a line through all sizes would hand most of
+        # that cost to the plain step and keep drafting that does not pay. One point per drafted
+        # size, its median: merged drafts (lookup) come in many sizes, and the median already
+        # discounts a size's odd slow step.
+        medians = [statistics.median(self.timings[n]) for n in drafted]
+        fitted = fit_step_cost(drafted, medians) if len(drafted) > 1 else StepCost(medians[0], 0.0)
+        return fitted, statistics.median(self.timings[0])
