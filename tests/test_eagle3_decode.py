@@ -157,6 +157,8 @@ def test_draft_cache_after_acceptance_equals_one_built_token_by_token(kind):
         accepted.append(verified.accepted)
         text += verified.tokens[1:] + [verified.next_token]
     assert max(accepted) >= 2  # tree entries were added and thrown away on the accepted path
+    assert proposer.committed < len(text) - 1  # the last step's features are queued, not yet read
+    proposer.catch_up()
     assert proposer.committed == len(proposer.cache) == len(text) - 1
     expected = reference_cache(draft, base, text, len(text) - 1)
     torch.testing.assert_close(proposer.cache.keys, expected.keys, atol=1e-5, rtol=1e-5)
@@ -366,5 +368,6 @@ def test_adaptive_drafting_skips_a_wrong_draft_and_stays_identical():
     proposer = Eagle3Proposer(cycle_draft(base, right=False), DynamicTree(topk=3, depth=4, num_nodes=21))
     result = decode(base, proposer, [3, 4, 5], max_new_tokens=40, adaptive=AdaptiveDrafting(window=4, probe_every=3))
     assert result.tokens == hf_greedy(base, torch.tensor([3, 4, 5]), 40, [])
-    assert 0 in result.drafted  # plain steps: the proposer's cache still follows every verified token
+    assert 0 in result.drafted  # plain steps queue the verified features; the next draft reads them
+    proposer.catch_up()
     assert proposer.committed == 3 + len(result.tokens) - 1

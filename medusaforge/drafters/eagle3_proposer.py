@@ -76,29 +76,40 @@ class Eagle3Proposer:
         self.cache = None
         self.committed = 0  # cache entries computed from the base's features (one per verified position)
         self.last_hidden: torch.Tensor | None = None  # [H] draft output at the last verified position
+        self.pending: list = []  # (next tokens, base features, positions) of verified steps not yet read
 
     @torch.inference_mode()
     def update(self, verified: Verified) -> None:
+        """Queue the verified positions' base features; the draft reads them at the next propose.
+        Steps that do not draft (adaptive drafting turned it off) then cost the draft nothing, and
+        several queued steps are read in one draft forward."""
         from medusaforge.drafters.eagle3 import DraftKVCache
 
         if verified.features is None:
             raise ValueError("Eagle3Proposer: the verify step returned no base features (feature_layers not passed)")
         if verified.start == 0:
-            self.cache, self.committed = DraftKVCache(), 0
-        self.cache.crop(self.committed)  # the previous tree's entries
-        if self.committed != verified.start:
-            raise RuntimeError(f"draft cache holds {self.committed} positions but the base verified from {verified.start}")
+            self.cache, self.committed, self.pending = DraftKVCache(), 0, []
+        queued = self.committed + sum(tokens.shape[1] for tokens, _, _ in self.pending)
+        if queued != verified.start:
+            raise RuntimeError(f"draft cache holds {queued} positions but the base verified from {verified.start}")
         device = verified.features.device
         next_tokens = torch.tensor(verified.tokens[1:] + [verified.next_token], device=device)[None]  # [1, n]
-        fused = self.draft.fuse(verified.features.flatten(1)[None])  # [1, n, 3H] -> [1, n, H]
         positions = torch.arange(verified.start, verified.start + len(verified.tokens), device=device)[None]
-        out, self.cache = self.draft.step(next_tokens, fused, positions, self.cache)
-        self.committed = len(self.cache)
+        self.pending.append((next_tokens, verified.features.flatten(1)[None], positions))  # features [1, n, 3H]
+
+    def catch_up(self) -> None:
+        """Run the draft over every queued verified position, extending its cache."""
+        self.cache.crop(self.committed)  # the previous tree's entries
+        if not self.pending:
+            return
+        next_tokens, features, positions = (torch.cat(parts, dim=1) for parts in zip(*self.pending))
+        out, self.cache = self.draft.step(next_tokens, self.draft.fuse(features), positions, self.cache)
+        self.committed, self.pending = len(self.cache), []
         self.last_hidden = out[0, -1]
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], verified: Verified) -> DraftTree:
-        self.cache.crop(self.committed)  # a previous tree's entries, if propose runs twice (tree timing)
+        self.catch_up()
         k = min(self.tree.topk, self.draft.config.draft_vocab_size)
         root_position = self.committed - 1  # the entry (feature at p, root) sits at p = committed - 1
         nodes = self._children(self.last_hidden[None], [-1], [0.0], [0], k)
