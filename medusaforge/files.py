@@ -11,6 +11,7 @@ Every module that writes output goes through these helpers:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -119,3 +120,16 @@ def refuse_non_empty(out: str | os.PathLike, allowed: bool, hint: str = "pass --
         raise FileExistsError(f"{out} exists and is not a folder")
     if is_non_empty_directory(out) and not allowed:
         raise FileExistsError(f"{out} is not empty; {hint}")
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """json.loads of a small file, with errors that name the file (and the line of bad JSON)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a text file ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None

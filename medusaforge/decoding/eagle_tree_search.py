@@ -16,7 +16,6 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,12 +23,11 @@ from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.adaptive import expected_accept_by_size
 from medusaforge.decoding.cost import choose_draft_size, fit_step_cost
 from medusaforge.decoding.decoder import speculative_generate
-from medusaforge.decoding.loading import stop_token_ids
+from medusaforge.decoding.loading import load_eagle3_for_decoding, stop_token_ids
 from medusaforge.decoding.verify import crop_cache, new_cache, prefill, verify_step
-from medusaforge.decoding.loading import load_eagle3_for_decoding
 from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer
 from medusaforge.drafters.proposer import root_only
-from medusaforge.files import atomic_write_text
+from medusaforge.files import atomic_write_text, read_json
 
 
 class RecordingProposer:
@@ -136,13 +134,7 @@ def save_eagle_tree(result: dict, path: str | os.PathLike, **metadata) -> None:
 
 def load_eagle_tree(path: str | os.PathLike) -> DynamicTree | None:
     """The tree a search chose; None when it found that no draft beats plain decoding."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: tree file not found") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    raw = read_json(path, "tree file")
     if not isinstance(raw, dict) or "eagle" not in raw:
         raise ValueError(f"{path}: not an EAGLE-3 tree file (no 'eagle' key); Medusa path trees do not apply to EAGLE-3")
     chosen = raw["eagle"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from medusaforge.drafters.medusa_proposer import normalise_paths
-from medusaforge.files import atomic_write_text
+from medusaforge.files import atomic_write_text, read_json
 
 TREES_DIR = Path(__file__).parent / "trees"  # shipped as package data
 
@@ -111,14 +111,7 @@ def default_tree(num_heads: int) -> list[list[int]]:
 def load_tree(path: str | os.PathLike) -> list[list[int]]:
     """A tree from a JSON file: a list of paths or an object with a "paths" key.
     An empty list means `medusaforge tree` found that no draft beats plain decoding."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: tree file not found") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    return _paths_from_json(raw, str(path))
+    return _paths_from_json(read_json(path, "tree file"), str(path))
 
 
 def load_tree_metadata(path: str | os.PathLike) -> dict:
