@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
     parser.add_argument("--lookup-tokens", type=int, default=8, help="our lookup drafter's chain length (0: no lookup rows)")
+    parser.add_argument("--hybrid-nodes", type=int, default=8,
+                        help="also a hybrid row on the first N nodes of the default tree (the split the lookup probes chose; 0: none)")
     parser.add_argument("--eagle3", default=None, help="EAGLE-3 draft folder (train --method eagle3's OUT, OUT/draft or an export)")
     parser.add_argument("--eagle-topk", type=int, default=DynamicTree.topk)
     parser.add_argument("--eagle-depth", type=int, default=DynamicTree.depth)
@@ -110,6 +112,9 @@ def main() -> None:
 
         methods[f"lookup alone ({args.lookup_tokens})"] = with_lookup("lookup alone", [])
         methods[f"hybrid: default tree + lookup ({args.lookup_tokens})"] = with_lookup("hybrid default", default)
+        if 0 < args.hybrid_nodes < len(default):  # tree files list nodes best first, parents before children
+            methods[f"hybrid: {args.hybrid_nodes}-node tree + lookup ({args.lookup_tokens})"] = with_lookup(
+                f"hybrid {args.hybrid_nodes} nodes", default[: args.hybrid_nodes])
         if args.tree:
             methods[f"hybrid: searched tree + lookup ({args.lookup_tokens})"] = with_lookup("hybrid searched", searched)
 
