@@ -287,7 +287,7 @@ def test_tree_search_chooses_an_eagle_tree_that_generate_and_eval_read(tmp_path)
     import json
 
     from medusaforge.cli import main
-    from medusaforge.decoding.eagle_tree_search import load_eagle_tree
+    from medusaforge.decoding.loading import load_eagle_tree
     from medusaforge.models import load_base_model
     from tests.helpers import save_tiny_model, write_jsonl
 

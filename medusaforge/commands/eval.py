@@ -19,9 +19,7 @@ import torch
 from medusaforge.config import config_to_dict, option
 from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
 from medusaforge.decoding.decoder import DecodeResult, medusa_generate, speculative_generate
-from medusaforge.decoding.loading import adaptive_drafting, hf_greedy, load_for_decoding, pick_tree, stop_token_ids
-from medusaforge.decoding.eagle_tree_search import load_eagle_tree
-from medusaforge.decoding.loading import load_eagle3_for_decoding
+from medusaforge.decoding.loading import adaptive_drafting, hf_greedy, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids
 from medusaforge.drafters.eagle3_proposer import DynamicTree
 from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.hybrid import accept_by_source
@@ -112,12 +110,9 @@ def write_histogram(accept_lengths: list[int], path: Path, title: str) -> bool:
 def run(config: EvalConfig) -> dict:
     eagle3 = find_eagle3_folder(config.drafter)
     if eagle3 is not None:
-        if config.lookup:
-            raise ValueError("--lookup merges into the heads' tree; it does not combine with an EAGLE-3 --drafter")
-        # --tree: what `medusaforge tree --drafter` chose (None there: no draft beats a plain step)
-        eagle_tree = load_eagle_tree(config.tree) if config.tree else DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes)
-        tokenizer, base, proposer = load_eagle3_for_decoding(config.model, eagle3, config.dtype, config.device, eagle_tree)
-        proposer = proposer if eagle_tree is not None else None
+        tokenizer, base, proposer, eagle_tree = load_eagle3_drafter(
+            config.model, eagle3, config.tree, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
+            config.dtype, config.device, config.lookup)
         tree = {"topk": eagle_tree.topk, "depth": eagle_tree.depth, "num_nodes": eagle_tree.num_nodes} if eagle_tree else {}
         depth = eagle_tree.depth if eagle_tree else 0
     else:

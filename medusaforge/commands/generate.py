@@ -11,9 +11,7 @@ import torch
 from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate, speculative_generate
-from medusaforge.decoding.loading import adaptive_drafting, load_for_decoding, pick_tree, stop_token_ids
-from medusaforge.decoding.eagle_tree_search import load_eagle_tree
-from medusaforge.decoding.loading import load_eagle3_for_decoding
+from medusaforge.decoding.loading import adaptive_drafting, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids
 from medusaforge.drafters.eagle3_proposer import DynamicTree
 from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.lookup import LookupProposer
@@ -63,12 +61,9 @@ def run(config: GenerateConfig) -> None:
     torch.manual_seed(config.seed)
     eagle3 = find_eagle3_folder(config.drafter)
     if eagle3 is not None:
-        if config.lookup:
-            raise ValueError("--lookup merges into the heads' tree; it does not combine with an EAGLE-3 --drafter")
-        # --tree: what `medusaforge tree --drafter` chose (None there: no draft beats a plain step)
-        tree = load_eagle_tree(config.tree) if config.tree else DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes)
-        tokenizer, base, proposer = load_eagle3_for_decoding(config.model, eagle3, config.dtype, config.device, tree)
-        proposer = proposer if tree is not None else None
+        tokenizer, base, proposer, tree = load_eagle3_drafter(
+            config.model, eagle3, config.tree, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
+            config.dtype, config.device, config.lookup)
     else:
         heads_dir = config.drafter or config.heads
         tokenizer, base, heads = load_for_decoding(config.model, heads_dir, config.dtype, config.device, config.allow_other_base)

@@ -27,7 +27,7 @@ from medusaforge.decoding.loading import load_eagle3_for_decoding, stop_token_id
 from medusaforge.decoding.verify import crop_cache, new_cache, prefill, verify_step
 from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer
 from medusaforge.drafters.proposer import root_only
-from medusaforge.files import atomic_write_text, read_json
+from medusaforge.files import atomic_write_text
 
 
 class RecordingProposer:
@@ -130,20 +130,6 @@ def save_eagle_tree(result: dict, path: str | os.PathLike, **metadata) -> None:
         metadata["step_cost"] = {"fixed_ms": row["step_cost_ms"]["fixed"], "per_node_ms": row["step_cost_ms"]["per_node"]}
         metadata["plain_step_ms"] = result["plain_step_ms"]
     atomic_write_text(path, json.dumps({"eagle": chosen, **metadata, "search": result}, indent=2) + "\n")
-
-
-def load_eagle_tree(path: str | os.PathLike) -> DynamicTree | None:
-    """The tree a search chose; None when it found that no draft beats plain decoding."""
-    raw = read_json(path, "tree file")
-    if not isinstance(raw, dict) or "eagle" not in raw:
-        raise ValueError(f"{path}: not an EAGLE-3 tree file (no 'eagle' key); Medusa path trees do not apply to EAGLE-3")
-    chosen = raw["eagle"]
-    if chosen is None:
-        return None
-    try:
-        return DynamicTree(int(chosen["topk"]), int(chosen["depth"]), int(chosen["num_nodes"]))
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{path}: 'eagle' needs topk, depth and num_nodes ({error})") from None
 
 
 def run_search(model: str, drafter, prompts: str, limit: int, new_tokens: int, topks, depths, sizes, rounds: int,

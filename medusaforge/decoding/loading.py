@@ -13,6 +13,7 @@ from medusaforge.decoding.cost import StepCost
 from medusaforge.decoding.tree import default_tree, load_tree, load_tree_metadata
 from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer, prepare_draft
 from medusaforge.drafters.medusa_proposer import prepare_heads
+from medusaforge.files import read_json
 from medusaforge.interop.eagle3_layout import import_eagle3
 from medusaforge.interop.importer import import_heads
 from medusaforge.models import load_base_model, load_tokenizer, resolve_device, resolve_dtype
@@ -99,3 +100,27 @@ def load_eagle3_for_decoding(model: str, drafter: str | os.PathLike, dtype: str,
     tokenizer = load_tokenizer(model)
     base = load_base_model(model, dtype=resolve_dtype(dtype, torch_device), device=torch_device)
     return tokenizer, base, load_eagle3_proposer(drafter, base, tree)
+
+
+def load_eagle_tree(path: str | os.PathLike) -> DynamicTree | None:
+    """The tree a search chose; None when it found that no draft beats plain decoding."""
+    raw = read_json(path, "tree file")
+    if not isinstance(raw, dict) or "eagle" not in raw:
+        raise ValueError(f"{path}: not an EAGLE-3 tree file (no 'eagle' key); Medusa path trees do not apply to EAGLE-3")
+    chosen = raw["eagle"]
+    if chosen is None:
+        return None
+    try:
+        return DynamicTree(int(chosen["topk"]), int(chosen["depth"]), int(chosen["num_nodes"]))
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path}: 'eagle' needs topk, depth and num_nodes ({error})") from None
+
+
+def load_eagle3_drafter(model: str, folder, tree_file, default_tree: DynamicTree, dtype: str, device: str, lookup: bool):
+    """generate's and eval's EAGLE-3 set-up -> (tokenizer, base, proposer, tree). `tree_file` is what
+    `medusaforge tree --drafter` chose; when it says no draft beats a plain step, proposer and tree are None."""
+    if lookup:
+        raise ValueError("--lookup merges into the heads' tree; it does not combine with an EAGLE-3 --drafter")
+    tree = load_eagle_tree(tree_file) if tree_file else default_tree
+    tokenizer, base, proposer = load_eagle3_for_decoding(model, folder, dtype, device, tree)
+    return tokenizer, base, (proposer if tree is not None else None), tree
