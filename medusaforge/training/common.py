@@ -92,6 +92,16 @@ def write_checkpoint(out: Path, step: int, heads, optimizer, scheduler, extra: d
     barrier(context)
 
 
+def rank_batch(source, global_indices: list[int], context: DistributedContext) -> dict:
+    """This rank's slice of a global batch, collated. A rank the slice leaves empty gets a
+    placeholder example with a zero loss mask, so every rank still runs the same collectives."""
+    indices, placeholder = placeholder_slice(global_indices, context.rank, context.world_size)
+    batch = source.collate(indices)
+    if placeholder:
+        batch["loss_mask"].zero_()
+    return batch
+
+
 @torch.no_grad()
 def evaluate_heads(heads, source, indices: list[int], batch_size: int, device, autocast, chunk_size: int, context: DistributedContext | None = None) -> dict:
     """Held-out per-head loss and top-1/top-5 accuracy over target (assistant) tokens, with hidden
@@ -104,11 +114,7 @@ def evaluate_heads(heads, source, indices: list[int], batch_size: int, device, a
     top5 = torch.zeros(num_heads)
     counts = torch.zeros(num_heads)
     for start in range(0, len(indices), batch_size):
-        rank_indices, placeholder = placeholder_slice(indices[start : start + batch_size], context.rank, context.world_size)
-        batch = source.collate(rank_indices)
-        if placeholder:
-            batch["loss_mask"].zero_()
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in rank_batch(source, indices[start : start + batch_size], context).items()}
         with autocast:
             hidden = source.hidden_states(batch)
             result = medusa_head_losses(heads, hidden, batch["input_ids"], batch["loss_mask"], chunk_size)

@@ -32,9 +32,9 @@ from medusaforge.drafters.draft_vocab import coverage, prediction_counts, select
 from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base, load_draft
 from medusaforge.files import atomic_write_text
 from medusaforge.models import base_fingerprint, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
-from medusaforge.training.common import autocast_for, schedule_fingerprint, split_examples, write_checkpoint
+from medusaforge.training.common import autocast_for, rank_batch, schedule_fingerprint, split_examples, write_checkpoint
 from medusaforge.training.distributed import (
-    DistributedContext, all_reduce_sum, init_distributed, main_process_first, placeholder_slice, shutdown_distributed, wrap_heads_for_ddp,
+    DistributedContext, all_reduce_sum, init_distributed, main_process_first, shutdown_distributed, wrap_heads_for_ddp,
 )
 from medusaforge.training.eagle3_features import Eagle3OfflineBatches, Eagle3OnlineBatches
 from medusaforge.training.hidden_cache import HiddenCache
@@ -105,11 +105,7 @@ def evaluate_draft(draft, source, indices: list[int], batch_size: int, num_steps
     """Held-out per-step loss and top-1 (greedy acceptance of step k given steps < k teacher-forced)."""
     loss_total, top1, counts = torch.zeros(num_steps), torch.zeros(num_steps), torch.zeros(num_steps)
     for start in range(0, len(indices), batch_size):
-        rank_indices, placeholder = placeholder_slice(indices[start : start + batch_size], context.rank, context.world_size)
-        batch = source.collate(rank_indices)
-        if placeholder:
-            batch["loss_mask"].zero_()
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in rank_batch(source, indices[start : start + batch_size], context).items()}
         with autocast:
             features, target_logits, base_argmax = source.inputs(batch)
             hiddens = draft.unroll(batch["input_ids"], draft.fuse(features), num_steps)
@@ -202,13 +198,7 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
 
     # ---- the loop ----
     for step in progress:
-        batches = []
-        for j in range(config.grad_accum):
-            indices, placeholder = placeholder_slice(micro_batches[step * config.grad_accum + j], context.rank, context.world_size)
-            batch = source.collate(indices)
-            if placeholder:
-                batch["loss_mask"].zero_()
-            batches.append(batch)
+        batches = [rank_batch(source, micro_batches[step * config.grad_accum + j], context) for j in range(config.grad_accum)]
         # Normalise by the counted positions of the whole optimizer step over all ranks, so
         # accumulation and data parallelism both give exactly the loss of one big batch.
         step_counts = torch.zeros(num_steps)

@@ -24,9 +24,9 @@ from tqdm import tqdm
 from medusaforge.config import option
 from medusaforge.files import atomic_write_text
 from medusaforge.models import resolve_device
-from medusaforge.training.common import autocast_for, evaluate_heads, format_held_out, schedule_fingerprint, split_examples, write_checkpoint
+from medusaforge.training.common import autocast_for, evaluate_heads, format_held_out, rank_batch, schedule_fingerprint, split_examples, write_checkpoint
 from medusaforge.training.distributed import (
-    DistributedContext, HeadsWithLoss, all_reduce_sum, init_distributed, placeholder_slice, shard_frozen_base, shutdown_distributed,
+    DistributedContext, HeadsWithLoss, all_reduce_sum, init_distributed, shard_frozen_base, shutdown_distributed,
     wrap_heads_for_ddp,
 )
 from medusaforge.training.loss import default_head_weights, medusa_head_losses
@@ -102,13 +102,7 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
     # ---- the loop ----
     for step in progress:
         # This rank's slice of each global micro-batch of the step (all of it in a world of one).
-        batches = []
-        for j in range(config.grad_accum):
-            indices, placeholder = placeholder_slice(micro_batches[step * config.grad_accum + j], context.rank, context.world_size)
-            batch = source.collate(indices)
-            if placeholder:
-                batch["loss_mask"].zero_()
-            batches.append(batch)
+        batches = [rank_batch(source, micro_batches[step * config.grad_accum + j], context) for j in range(config.grad_accum)]
         # Normalise by the target-token count of the whole optimizer step over all ranks, so
         # accumulation and data parallelism both give exactly the loss of one big batch.
         step_counts = torch.zeros(num_heads)
