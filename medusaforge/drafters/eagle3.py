@@ -67,7 +67,7 @@ from transformers.models.llama.modeling_llama import (
     repeat_kv,
 )
 
-from medusaforge.files import atomic_write_text, commit_file, staging_directory, temporary_path_beside
+from medusaforge.files import staging_directory
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -333,10 +333,9 @@ class Eagle3Draft(nn.Module):
         directory = Path(directory)
         with staging_directory(directory) as staging:
             tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-            temporary = temporary_path_beside(staging / WEIGHTS_FILE)
-            save_file(tensors, str(temporary), metadata={"format": "pt"})
-            commit_file(temporary, staging / WEIGHTS_FILE)
-            atomic_write_text(staging / CONFIG_FILE, self.config.to_json_string())
+            # The staging folder is what makes the save atomic; files inside it need no rename of their own.
+            save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+            (staging / CONFIG_FILE).write_text(self.config.to_json_string())
         return directory
 
 

@@ -46,7 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from medusaforge.files import atomic_write_text, commit_file, refuse_non_empty, staging_directory, temporary_path_beside
+from medusaforge.files import refuse_non_empty, staging_directory
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 CONFIG_FILE = "config.json"
@@ -156,14 +156,12 @@ def write_layout(out: str | os.PathLike, tensors: dict, config: dict, card: str 
     """Write the folder atomically (a staging folder renamed into place)."""
     out = Path(out)
     refuse_non_empty(out, overwrite)
-    with staging_directory(out) as staging:
-        temporary = temporary_path_beside(staging / WEIGHTS_FILE)
+    with staging_directory(out) as staging:  # the folder's rename is the atomic step
         # "format: pt" is what transformers-style loaders look for in the metadata.
-        save_file(tensors, str(temporary), metadata={"format": "pt"})
-        commit_file(temporary, staging / WEIGHTS_FILE)
-        atomic_write_text(staging / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if card:
-            atomic_write_text(staging / CARD_FILE, card)
+            (staging / CARD_FILE).write_text(card)
     return out
 
 
