@@ -12,6 +12,7 @@ so the ratios are measured side by side under the same load. Usage:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -39,18 +40,23 @@ def cpu_bf16_capability() -> str:
     return "cpu flags: " + " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in wanted) + f"  -> native bf16: {'yes' if native else 'no'}"
 
 
+ROWS = ("hf-lookup", "heads", "searched", "lookup", "hybrid", "eagle3")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--heads", default="runs/demo/heads")
-    parser.add_argument("--tree", default=None, help="searched tree JSON (from `medusaforge tree`)")
+    parser.add_argument("--tree", default=None, help="searched tree JSON (from `medusaforge tree`) for the 'searched' row")
     parser.add_argument("--prompts", default="mt-bench")
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--rows", default="hf-lookup,heads,lookup,hybrid,eagle3",
+                        help=f"comma-separated rows besides hf greedy, from {','.join(ROWS)}; 'searched' needs --tree, "
+                             "'eagle3' runs only with --eagle3")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
-    parser.add_argument("--lookup-tokens", type=int, default=8, help="our lookup drafter's chain length (0: no lookup rows)")
-    parser.add_argument("--hybrid-nodes", type=int, default=8,
-                        help="also a hybrid row on the first N nodes of the default tree (the split the lookup probes chose; 0: none)")
+    parser.add_argument("--lookup-tokens", type=int, default=LookupProposer().num_tokens,
+                        help="our lookup chain after a full-length match, as `generate --lookup-tokens`")
     parser.add_argument("--eagle3", default=None, help="EAGLE-3 draft folder (train --method eagle3's OUT, OUT/draft or an export)")
     parser.add_argument("--eagle-topk", type=int, default=DynamicTree.topk)
     parser.add_argument("--eagle-depth", type=int, default=DynamicTree.depth)
@@ -60,74 +66,69 @@ def main() -> None:
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,
                         help="adaptive drafting in our rows (shrink or skip drafts that do not pay), as generate and eval do")
     args = parser.parse_args()
+    rows = [row for row in args.rows.split(",") if row]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        parser.error(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ROWS)}")
+    if "searched" in rows and not args.tree:
+        parser.error("--rows searched needs --tree")
     print(cpu_bf16_capability(), flush=True)
 
     tokenizer, base, heads = load_for_decoding(args.model, args.heads, args.dtype, args.device)
     eos = stop_token_ids(tokenizer, base)
     encoded = [encode_prompt(tokenizer, chat).to(base.device) for chat in load_prompts(args.prompts, args.limit)]
     default = default_tree(heads.num_heads)
-    methods = {
-        "hf greedy": lambda ids, n: hf_greedy(base, ids, n, eos),
-        f"hf prompt lookup ({args.prompt_lookup_tokens})": lambda ids, n: hf_prompt_lookup(base, ids, n, eos, args.prompt_lookup_tokens),
-    }
-    # One rule per row: each keeps its own timings and acceptance window.
-    adaptive = {name: adaptive_drafting(tree_file, args.adaptive) for name, tree_file in (("default", None), ("searched", args.tree))}
-    methods[f"medusa default tree ({len(default)} nodes)"] = lambda ids, n: medusa_generate(
-        base, heads, ids, n, eos, default, adaptive=adaptive["default"]).tokens
-    if args.tree:
-        searched = load_tree(args.tree)
-        label = f"{len(searched)} nodes" if searched else "no drafting"
-        methods[f"medusa searched tree ({label})"] = lambda ids, n: medusa_generate(
-            base, heads, ids, n, eos, searched, adaptive=adaptive["searched"]).tokens
+    methods = {"hf greedy": lambda ids, n: hf_greedy(base, ids, n, eos)}
+    if "hf-lookup" in rows:
+        methods[f"hf prompt lookup ({args.prompt_lookup_tokens})"] = lambda ids, n: hf_prompt_lookup(
+            base, ids, n, eos, args.prompt_lookup_tokens)
+    # per row, each verify step: the accepted path's source, its length, the nodes drafted (0: a plain step)
+    steps: dict[str, tuple[list[str], list[int], list[int]]] = {}
 
-    eagle_accepted: list[int] = []
-    if args.eagle3:
+    def ours(name: str, tree: list[list[int]], tree_file=None, lookup: bool = False, proposer=None):
+        """A row decoded as `medusaforge generate` does, with its own adaptive-drafting rule and timings."""
+        adaptive = adaptive_drafting(tree_file, args.adaptive)
+        lookup_proposer = LookupProposer(num_tokens=args.lookup_tokens) if lookup else None
+        steps[name] = ([], [], [])
+
+        def run(ids, n):
+            if proposer is not None:
+                result = speculative_generate(base, proposer, ids, n, eos, adaptive=adaptive)
+            else:
+                result = medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup_proposer, adaptive=adaptive)
+            steps[name][0].extend(result.sources or [])
+            steps[name][1].extend(result.accepted)
+            steps[name][2].extend(result.drafted)
+            return result.tokens
+
+        methods[name] = run
+
+    if "heads" in rows:
+        ours(f"medusa default tree ({len(default)} nodes)", default)
+    if "searched" in rows:
+        searched = load_tree(args.tree)
+        ours(f"medusa searched tree ({f'{len(searched)} nodes' if searched else 'no drafting'})", searched, Path(args.tree))
+    if "lookup" in rows:
+        ours(f"lookup alone ({args.lookup_tokens})", [], lookup=True)
+    if "hybrid" in rows:
+        ours(f"hybrid: default tree + lookup ({args.lookup_tokens})", default, lookup=True)
+    if "eagle3" in rows and args.eagle3:
         folder = find_eagle3_folder(args.eagle3)
         if folder is None:
             parser.error(f"--eagle3 {args.eagle3}: no EAGLE-3 draft there (config.json with draft_vocab_size)")
         eagle_tree = DynamicTree(args.eagle_topk, args.eagle_depth, args.eagle_nodes)
-        eagle = load_eagle3_proposer(folder, base, eagle_tree)
-
-        def eagle_run(ids, n):
-            result = speculative_generate(base, eagle, ids, n, eos)
-            eagle_accepted.extend(result.accepted)
-            return result.tokens
-
-        methods[f"eagle-3 (top-{eagle_tree.topk}, depth {eagle_tree.depth}, {eagle_tree.num_nodes} nodes)"] = eagle_run
-
-    hybrid_steps: dict[str, tuple[list[str], list[int]]] = {}
-    if args.lookup_tokens > 0:
-        lookup = LookupProposer(num_tokens=args.lookup_tokens)
-
-        def with_lookup(name, tree):
-            hybrid_steps[name] = ([], [])
-
-            def run(ids, n):
-                result = medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup)
-                hybrid_steps[name][0].extend(result.sources)
-                hybrid_steps[name][1].extend(result.accepted)
-                return result.tokens
-
-            return run
-
-        methods[f"lookup alone ({args.lookup_tokens})"] = with_lookup("lookup alone", [])
-        methods[f"hybrid: default tree + lookup ({args.lookup_tokens})"] = with_lookup("hybrid default", default)
-        if 0 < args.hybrid_nodes < len(default):  # tree files list nodes best first, parents before children
-            methods[f"hybrid: {args.hybrid_nodes}-node tree + lookup ({args.lookup_tokens})"] = with_lookup(
-                f"hybrid {args.hybrid_nodes} nodes", default[: args.hybrid_nodes])
-        if args.tree:
-            methods[f"hybrid: searched tree + lookup ({args.lookup_tokens})"] = with_lookup("hybrid searched", searched)
+        ours(f"eagle-3 (top-{eagle_tree.topk}, depth {eagle_tree.depth}, {eagle_tree.num_nodes} nodes)", [],
+             proposer=load_eagle3_proposer(folder, base, eagle_tree))
 
     for run in methods.values():  # warm-up
         run(encoded[0], 16)
-    for sources, accepted in hybrid_steps.values():  # count the timed runs only
-        sources.clear()
-        accepted.clear()
-    eagle_accepted.clear()
+    for lists in steps.values():  # count the timed runs only
+        for values in lists:
+            values.clear()
     seconds = dict.fromkeys(methods, 0.0)
     tokens = dict.fromkeys(methods, 0)
     identical = dict.fromkeys(methods, 0)
-    for ids in encoded:
+    for index, ids in enumerate(encoded, 1):
         reference = None
         for name, run in methods.items():
             start = time.perf_counter()
@@ -136,21 +137,30 @@ def main() -> None:
             tokens[name] += len(out)
             reference = out if reference is None else reference
             identical[name] += out == reference
+        # A long run that is cut short still leaves its figures so far.
+        print(f"[{index}/{len(encoded)}] " + "  ".join(
+            f"{name.split(' (')[0]} {tokens[name] / seconds[name]:.1f} tok/s {identical[name]}=" for name in methods),
+            file=sys.stderr, flush=True)
 
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
     print(f"{len(encoded)} prompts ({args.prompts}), {args.max_new_tokens} new tokens, {dtype}, {torch.get_num_threads()} threads, "
           f"adaptive drafting {'on' if args.adaptive else 'off'}")
     greedy_tps = tokens["hf greedy"] / seconds["hf greedy"]
-    print(f"| {'method':<34} | {'tokens':>6} | {'tok/s':>6} | {'vs greedy':>9} | identical to greedy |")
-    print(f"|{'-' * 36}|{'-' * 8}|{'-' * 8}|{'-' * 11}|{'-' * 21}|")
+    # tokens per step counts plain steps (adaptive drafting) as 1; accept length only the drafted steps
+    print(f"| {'method':<34} | {'tokens':>6} | {'tok/s':>6} | {'vs greedy':>9} | identical to greedy | tokens/step | accept length |")
+    print(f"|{'-' * 36}|{'-' * 8}|{'-' * 8}|{'-' * 11}|{'-' * 21}|{'-' * 13}|{'-' * 15}|")
     for name in methods:
         tps = tokens[name] / seconds[name]
-        print(f"| {name:<34} | {tokens[name]:>6} | {tps:>6.1f} | {tps / greedy_tps:>8.2f}x | {identical[name]:>2}/{len(encoded):<16} |")
-    if eagle_accepted:
-        print(f"eagle-3: accept length {1 + sum(eagle_accepted) / len(eagle_accepted):.2f} over {len(eagle_accepted)} verify steps")
-    for name, (sources, accepted) in hybrid_steps.items():  # who supplied each step's accepted path
-        by_source = accept_by_source(sources, accepted)
-        print(f"{name}: " + "  ".join(f"{s} {v['share']:.0%} of steps (accept {v['accept_length']:.2f})" for s, v in by_source.items()))
+        _, accepted, drafted = steps.get(name, ([], [], []))
+        on_drafts = [a for a, d in zip(accepted, drafted) if d]
+        per_step = f"{1 + sum(accepted) / len(accepted):.2f}" if accepted else "-"
+        accept = f"{1 + sum(on_drafts) / len(on_drafts):.2f}" if on_drafts else "-"
+        print(f"| {name:<34} | {tokens[name]:>6} | {tps:>6.1f} | {tps / greedy_tps:>8.2f}x | {identical[name]:>2}/{len(encoded):<16} "
+              f"| {per_step:>11} | {accept:>13} |")
+    for name, (sources, accepted, _) in steps.items():  # who supplied each step's accepted path
+        if sources:
+            by_source = accept_by_source(sources, accepted)
+            print(f"{name}: " + "  ".join(f"{s} {v['share']:.0%} of steps (accept {v['accept_length']:.2f})" for s, v in by_source.items()))
 
 
 if __name__ == "__main__":
