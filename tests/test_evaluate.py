@@ -34,9 +34,11 @@ def run_eval(tmp_path, *extra) -> dict:
 
 def test_eval_writes_the_required_keys_and_outputs_are_identical_in_fp32(tmp_path):
     result = run_eval(tmp_path)
-    for key in ("accept_length", "speedup", "medusa_tokens_per_s", "baseline_tokens_per_s", "identical", "num_prompts"):
+    for key in ("accept_length", "speedup", "medusa_tokens_per_s", "baseline_tokens_per_s", "identical", "num_prompts",
+                "prompt_lookup_tokens_per_s", "speedup_over_prompt_lookup"):
         assert result[key] is not None, key
     assert result["num_prompts"] == 2 and result["identical"] is True and result["num_identical"] == 2
+    assert set(result["accept_by_source"]) <= {"heads", "lookup", "both", "none"}  # prompt lookup is on by default
     steps = sum(r["verify_steps"] for r in result["prompts_detail"])
     # Every emitted token but the prefill's first comes from a verify step (a last step may be cut at the limit).
     emitted_by_steps = sum(int(n) * c for n, c in result["accept_length_histogram"].items())
@@ -48,6 +50,7 @@ def test_eval_writes_the_required_keys_and_outputs_are_identical_in_fp32(tmp_pat
 def test_eval_without_baseline_reports_acceptance_only(tmp_path):
     result = run_eval(tmp_path, "--baseline", "false")
     assert result["speedup"] is None and result["identical"] is None and result["baseline_tokens_per_s"] is None
+    assert result["prompt_lookup_tokens_per_s"] is None and result["speedup_over_prompt_lookup"] is None
     assert result["medusa_tokens_per_s"] > 0 and result["verify_steps"] > 0
     assert result["config"]["adaptive"] is True
 
@@ -55,9 +58,16 @@ def test_eval_without_baseline_reports_acceptance_only(tmp_path):
 def test_a_no_drafting_tree_file_decodes_plainly_and_stays_identical(tmp_path):
     tree = tmp_path / "tree.json"
     save_tree([], tree, num_nodes=0, note="no tree beat plain decoding")
-    result = run_eval(tmp_path, "--tree", str(tree))
+    result = run_eval(tmp_path, "--tree", str(tree), "--lookup", "false")
     assert result["identical"] is True
     assert result["plain_steps"] == result["verify_steps"] > 0 and result["accept_length"] == 1.0
+    assert result["accept_by_source"] is None
+
+
+def test_prompt_lookup_zero_skips_that_baseline_only(tmp_path):
+    result = run_eval(tmp_path, "--prompt-lookup", "0")
+    assert result["prompt_lookup_tokens_per_s"] is None and result["speedup_over_prompt_lookup"] is None
+    assert result["speedup"] > 0 and result["identical"] is True
 
 
 def test_eval_without_adaptive_drafting_drafts_every_step(tmp_path):

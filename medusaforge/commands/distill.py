@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-import time
+from time import perf_counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,8 @@ class DistillConfig:
     skip_prompts: int = option(0, "skip this many prompts first (to make a disjoint held-out set)")
     max_new_tokens: int = option(128, "maximum reply length in tokens")
     batch_size: int = option(32, "prompts per generation batch")
+    max_minutes: float = option(0.0, "start no new batch once this many minutes of generation have passed (0: no limit); "
+                                     "the prompts not reached are left out, so a slow host writes fewer replies, not later")
     temperature: float = option(0.0, "0 for greedy (default), otherwise sampling temperature")
     min_prompt_chars: int = option(8, "skip prompts shorter than this many characters")
     seed: int = option(0, "random seed (prompt order for chitchat, sampling)")
@@ -48,6 +50,10 @@ class DistillConfig:
     overwrite: bool = option(False, "replace an existing --out file")
     trust_remote_code: bool = option(False, "allow the model's own Python code from its folder")
     progress: bool = option(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if self.max_minutes < 0:
+            raise ValueError("--max-minutes must be 0 (no limit) or more")
 
 
 def chitchat_prompts(min_chars: int, seed: int) -> list[list[dict]]:
@@ -111,19 +117,38 @@ def file_prompts(path: Path, skip_invalid: bool) -> list[list[dict]]:
     return prompts
 
 
+def generation_batches(lengths: list[int], batch_size: int, batches_per_round: int = 4) -> list[list[int]]:
+    """Prompt indices batch by batch: rounds of `batches_per_round` batches taken in the given order,
+    sorted by length within each round. Sorting keeps padding (wasted compute) small within a batch;
+    sorting only within rounds means a time limit that stops early still keeps prompts of every
+    length, not just the shortest."""
+    round_size = batch_size * batches_per_round
+    batches = []
+    for first in range(0, len(lengths), round_size):
+        in_round = sorted(range(first, min(first + round_size, len(lengths))), key=lambda i: lengths[i])
+        batches += [in_round[i : i + batch_size] for i in range(0, len(in_round), batch_size)]
+    return batches
+
+
 @torch.no_grad()
-def generate_replies(base, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int, temperature: float, progress: bool = True) -> list[tuple[str, bool]]:
-    """Batched generation. Returns (reply text, finished at end-of-turn) per prompt, in order."""
+def generate_replies(
+    base, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int, temperature: float,
+    progress: bool = True, max_seconds: float = 0.0,
+) -> list[tuple[str, bool] | None]:
+    """Batched generation. Returns (reply text, finished at end-of-turn) per prompt, in order; None
+    for the prompts not reached within max_seconds (0: no limit)."""
     tokenizer.padding_side = "left"  # decoder-only batches must be left-padded
     rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    # Sorting by length keeps padding (wasted compute) small within each batch.
-    order = sorted(range(len(prompts)), key=lambda i: len(rendered[i]))
     eos_ids = base.generation_config.eos_token_id
     eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
     results: list[tuple[str, bool] | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), disable=not progress, desc="distill")
-    for start in range(0, len(order), batch_size):
-        batch_indices = order[start : start + batch_size]
+    started, slowest_batch = perf_counter(), 0.0
+    for batch_indices in generation_batches([len(text) for text in rendered], batch_size):
+        elapsed = perf_counter() - started
+        # Stop before a batch that would likely end past the limit, not after it.
+        if max_seconds and elapsed + slowest_batch > max_seconds:
+            break
         encoded = tokenizer(
             [rendered[i] for i in batch_indices], return_tensors="pt", padding=True, add_special_tokens=False
         ).to(base.device)
@@ -145,8 +170,9 @@ def generate_replies(base, tokenizer, prompts: list[list[dict]], max_new_tokens:
                 tokens = tokens[: next(j for j, t in enumerate(tokens) if t in eos_ids)]
             results[index] = (tokenizer.decode(tokens, skip_special_tokens=True).strip(), finished)
         bar.update(len(batch_indices))
+        slowest_batch = max(slowest_batch, perf_counter() - started - elapsed)
     bar.close()
-    return results  # type: ignore[return-value]
+    return results
 
 
 def run(config: DistillConfig) -> Path:
@@ -169,16 +195,21 @@ def run(config: DistillConfig) -> Path:
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     base = load_base_model(config.model, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code, check=False)
-    started = time.perf_counter()
-    replies = generate_replies(base, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.temperature, config.progress)
-    elapsed = time.perf_counter() - started
+    started = perf_counter()
+    replies = generate_replies(base, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.temperature,
+                               config.progress, config.max_minutes * 60)
+    elapsed = perf_counter() - started
+    reached = sum(reply is not None for reply in replies)
+    if reached < len(prompts):
+        print(f"distill: --max-minutes {config.max_minutes:g} reached after {reached} of {len(prompts)} prompts")
 
     num_written = num_finished = reply_tokens = 0
     # Atomic: a crash never leaves a half-written data file under the real name.
     with atomic_file(out) as handle:
-        for prompt, (reply, finished) in zip(prompts, replies):
-            if not reply:
+        for prompt, generated in zip(prompts, replies):
+            if generated is None or not generated[0]:
                 continue
+            reply, finished = generated
             turns = [{"from": "human" if m["role"] == "user" else m["role"], "value": m["content"]} for m in prompt]
             turns.append({"from": "gpt", "value": reply})
             handle.write(json.dumps({"conversations": turns, "finished": finished}) + "\n")

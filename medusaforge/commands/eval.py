@@ -1,10 +1,11 @@
-"""`medusaforge eval`: acceptance length and wall-clock speedup against plain greedy decoding.
+"""`medusaforge eval`: acceptance length and wall-clock speedup against plain greedy decoding and
+against transformers' prompt-lookup decoding.
 
-For every prompt the base model's own `generate(do_sample=False)` and the Medusa decoder run back
-to back in the same process, dtype and thread setting, after a warm-up of both. The outputs must be
-token-identical; a mismatch is reported with the base's logit margin at the first differing token,
-so a numerical near-tie (tree and one-token passes round differently in bf16) can be told apart
-from a bug.
+For every prompt the base model's own `generate(do_sample=False)`, its prompt-lookup decoding and
+our decoder run back to back in the same process, dtype and thread setting, after a warm-up of
+each. Our output must equal greedy's token for token; a mismatch is reported with the base's logit
+margin at the first differing token, so a numerical near-tie (tree and one-token passes round
+differently in bf16) can be told apart from a bug.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ import torch
 from medusaforge.config import config_to_dict, option
 from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
 from medusaforge.decoding.decoder import DecodeResult, medusa_generate, speculative_generate
-from medusaforge.decoding.loading import adaptive_drafting, hf_greedy, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.decoding.loading import (
+    adaptive_drafting, hf_greedy, hf_prompt_lookup, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids,
+)
 from medusaforge.drafters.eagle3_proposer import DynamicTree
 from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.hybrid import accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
+from medusaforge.files import atomic_write_text
 from medusaforge.models import DEFAULT_MODEL
 
 
 @dataclass
 class EvalConfig:
-    """Measure acceptance length and speedup of Medusa decoding against plain greedy decoding."""
+    """Measure acceptance length and speedup of tree decoding against greedy and prompt-lookup decoding."""
 
     model: str = option(DEFAULT_MODEL, "base model: built-in name, local folder or hub id")
     heads: Path = option(Path("runs/demo/heads"), "heads folder (a train --out folder or its heads/ subfolder)")
@@ -43,7 +47,8 @@ class EvalConfig:
     max_new_tokens: int = option(128, "tokens to generate per prompt")
     tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count; with an EAGLE-3 --drafter: the file `tree --drafter` wrote")
     adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
-    lookup: bool = option(False, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged into the heads' tree")
+    lookup: bool = option(True, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged "
+                                "into the heads' tree (faster on every prompt set measured; an EAGLE-3 --drafter decodes without it)")
     lookup_tokens: int = option(16, "with --lookup: tokens per lookup chain after a full-length n-gram match (fewer after a shorter one)")
     dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
@@ -52,12 +57,16 @@ class EvalConfig:
     histogram: Path | None = option(None, "PNG histogram of accepted lengths (default: next to --json)")
     allow_other_base: bool = option(False, "use heads trained against different base weights")
     baseline: bool = option(True, "also run plain greedy decoding (speedup, identical); off: acceptance only, half the time")
+    prompt_lookup: int = option(10, "with --baseline: also time transformers' prompt-lookup decoding with this many tokens "
+                                    "per candidate (0: not run), the drafting-free method to beat")
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("--max-new-tokens must be at least 1")
         if self.lookup_tokens < 1:
             raise ValueError("--lookup-tokens must be at least 1")
+        if self.prompt_lookup < 0:
+            raise ValueError("--prompt-lookup must be 0 (not run) or a token count")
         DynamicTree(self.eagle_topk, self.eagle_depth, self.eagle_nodes)  # raises for values below 1
 
 
@@ -112,7 +121,7 @@ def run(config: EvalConfig) -> dict:
     if eagle3 is not None:
         tokenizer, base, proposer, eagle_tree = load_eagle3_drafter(
             config.model, eagle3, config.tree, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
-            config.dtype, config.device, config.lookup)
+            config.dtype, config.device)
         tree = {"topk": eagle_tree.topk, "depth": eagle_tree.depth, "num_nodes": eagle_tree.num_nodes} if eagle_tree else {}
         depth = eagle_tree.depth if eagle_tree else 0
     else:
@@ -126,9 +135,9 @@ def run(config: EvalConfig) -> dict:
     shape = f"EAGLE-3 tree {tree}" if eagle3 is not None else f"tree of {len(tree)} nodes"
     print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, {shape}", flush=True)
 
-    lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup else None
+    lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup and eagle3 is None else None
     adaptive = adaptive_drafting(config.tree, config.adaptive)
-    if not tree and not config.lookup:
+    if not tree and lookup is None:
         print("the tree file says no draft beats plain decoding here: decoding without drafting", flush=True)
 
     def medusa(ids, n) -> DecodeResult:
@@ -136,13 +145,16 @@ def run(config: EvalConfig) -> dict:
             return speculative_generate(base, proposer, ids, n, eos, adaptive=adaptive)
         return medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup, adaptive=adaptive)
 
+    prompt_lookup = config.baseline and config.prompt_lookup > 0
     if config.baseline:
         hf_greedy(base, encoded[0], config.warmup_tokens, eos)  # warm-up: first calls allocate and pick kernels
+    if prompt_lookup:
+        hf_prompt_lookup(base, encoded[0], config.warmup_tokens, eos, config.prompt_lookup)
     medusa(encoded[0], config.warmup_tokens)
 
     records, accepted, mismatches, sources, drafted = [], [], [], [], []
-    baseline_seconds = medusa_seconds = 0.0
-    baseline_tokens = medusa_tokens = 0
+    baseline_seconds = medusa_seconds = hf_lookup_seconds = 0.0
+    baseline_tokens = medusa_tokens = hf_lookup_tokens = 0
     for number, (chat, ids) in enumerate(zip(chats, encoded), start=1):
         record = {"prompt": prompt_text(chat)}
         line = f"[{number}/{len(chats)}]"
@@ -153,6 +165,10 @@ def run(config: EvalConfig) -> dict:
             baseline_seconds += baseline_time
             baseline_tokens += len(expected)
             record.update(baseline_tokens=len(expected), baseline_s=baseline_time)
+        if prompt_lookup:
+            start = time.perf_counter()
+            hf_lookup_tokens += len(hf_prompt_lookup(base, ids, config.max_new_tokens, eos, config.prompt_lookup))
+            hf_lookup_seconds += time.perf_counter() - start
         start = time.perf_counter()
         result = medusa(ids, config.max_new_tokens)
         medusa_time = time.perf_counter() - start
@@ -176,6 +192,7 @@ def run(config: EvalConfig) -> dict:
     accept_lengths = [a + 1 for a in accepted]
     medusa_tps = medusa_tokens / medusa_seconds
     baseline_tps = baseline_tokens / baseline_seconds if config.baseline else None
+    hf_lookup_tps = hf_lookup_tokens / hf_lookup_seconds if prompt_lookup else None
     per_head = head_acceptance([a for a, d in zip(accepted, drafted) if d > 0], depth)  # per draft depth for EAGLE-3
     summary = {
         "drafter": "eagle3" if eagle3 is not None else "medusa",
@@ -183,6 +200,8 @@ def run(config: EvalConfig) -> dict:
         "speedup": medusa_tps / baseline_tps if config.baseline else None,
         "medusa_tokens_per_s": medusa_tps,
         "baseline_tokens_per_s": baseline_tps,
+        "prompt_lookup_tokens_per_s": hf_lookup_tps,
+        "speedup_over_prompt_lookup": medusa_tps / hf_lookup_tps if prompt_lookup else None,
         # None: not checked (--baseline false)
         "identical": not mismatches if config.baseline else None,
         "num_identical": sum(r["identical"] for r in records) if config.baseline else None,
@@ -194,7 +213,7 @@ def run(config: EvalConfig) -> dict:
         "plain_steps": drafted.count(0),
         "mean_draft_nodes": sum(drafted) / max(len(drafted), 1),
         # with --lookup: which drafter supplied the accepted path, per source (heads, lookup, both, none)
-        "accept_by_source": accept_by_source(sources, accepted) if config.lookup else None,
+        "accept_by_source": accept_by_source(sources, accepted) if lookup is not None else None,
         "accept_length_histogram": {str(n): accept_lengths.count(n) for n in sorted(set(accept_lengths))},
         "mismatches": mismatches,
         "dtype": dtype,
@@ -203,15 +222,14 @@ def run(config: EvalConfig) -> dict:
         "config": config_to_dict(config),
         "prompts_detail": records,
     }
-    config.json.parent.mkdir(parents=True, exist_ok=True)
-    config.json.write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(config.json, json.dumps(summary, indent=2) + "\n")
     histogram = config.histogram or config.json.with_suffix(".png")
     title = f"accept length {summary['accept_length']:.2f} over {len(accepted)} steps"
     if write_histogram(accept_lengths, histogram, title):
         summary["histogram"] = str(histogram)
     report = (f"accept length {summary['accept_length']:.2f}  per-head {[round(r, 3) for r in per_head['rate']]}  "
               f"plain steps {summary['plain_steps']}/{len(accepted)}  mean draft {summary['mean_draft_nodes']:.1f} nodes\n")
-    if config.lookup:
+    if lookup is not None:
         by_source = summary["accept_by_source"]
         report += "by source: " + "  ".join(f"{s} {v['share']:.0%} of steps, accept {v['accept_length']:.2f}" for s, v in by_source.items()) + "\n"
     if config.baseline:
@@ -219,6 +237,14 @@ def run(config: EvalConfig) -> dict:
             f"greedy {baseline_tps:.1f} tok/s  drafted {medusa_tps:.1f} tok/s  speedup {summary['speedup']:.2f}x  "
             f"identical {summary['num_identical']}/{len(chats)}\n"
         )
+    if mismatches:  # name the cause a reader needs to tell a near-tie from a bug
+        widest = max(m["top2_margin"] for m in mismatches)
+        report += f"{len(mismatches)} outputs part from greedy where the base's top two logits lie within {widest:.3g}"
+        report += (": a near-tie that a tree pass and a one-token pass round differently in reduced precision; "
+                   "in fp32 (--dtype fp32) outputs are identical\n" if dtype != "float32" else "\n")
+    if prompt_lookup:
+        report += (f"HF prompt lookup {hf_lookup_tps:.1f} tok/s ({hf_lookup_tps / baseline_tps:.2f}x greedy): "
+                   f"drafted is {summary['speedup_over_prompt_lookup']:.2f}x prompt lookup\n")
     else:
         report += f"drafted {medusa_tps:.1f} tok/s (no baseline run: speedup and identity not measured)\n"
     print(report + f"wrote {config.json}", flush=True)

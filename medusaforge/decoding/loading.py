@@ -116,11 +116,9 @@ def load_eagle_tree(path: str | os.PathLike) -> DynamicTree | None:
         raise ValueError(f"{path}: 'eagle' needs topk, depth and num_nodes ({error})") from None
 
 
-def load_eagle3_drafter(model: str, folder, tree_file, default_tree: DynamicTree, dtype: str, device: str, lookup: bool):
+def load_eagle3_drafter(model: str, folder, tree_file, default_tree: DynamicTree, dtype: str, device: str):
     """generate's and eval's EAGLE-3 set-up -> (tokenizer, base, proposer, tree). `tree_file` is what
     `medusaforge tree --drafter` chose; when it says no draft beats a plain step, proposer and tree are None."""
-    if lookup:
-        raise ValueError("--lookup merges into the heads' tree; it does not combine with an EAGLE-3 --drafter")
     tree = load_eagle_tree(tree_file) if tree_file else default_tree
     tokenizer, base, proposer = load_eagle3_for_decoding(model, folder, dtype, device, tree)
     return tokenizer, base, (proposer if tree is not None else None), tree
