@@ -7,6 +7,7 @@ so the ratios are measured side by side under the same load. Usage:
   python benchmarks/decode_speed.py --heads runs/demo/heads --tree tree.json --prompts mt-bench --limit 16
   python benchmarks/decode_speed.py --heads runs/demo/heads --prompts copy-heavy --limit 0
   python benchmarks/decode_speed.py --heads runs/demo/heads --eagle3 runs/eagle3 --eagle-nodes 16
+  python benchmarks/decode_speed.py --prompts mt-bench --limit 80 --dtype fp32 --rows hybrid   # identity and speed in fp32
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def main() -> None:
     parser.add_argument("--prompts", default="mt-bench")
     parser.add_argument("--limit", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--rows", default="hf-lookup,heads,lookup,hybrid,eagle3",
-                        help=f"comma-separated rows besides hf greedy, from {','.join(ROWS)}; 'searched' needs --tree, "
-                             "'eagle3' runs only with --eagle3")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"comma-separated rows besides hf greedy, from {','.join(ROWS)}; 'searched' runs only with --tree, "
+                             "'eagle3' only with --eagle3")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
     parser.add_argument("--lookup-tokens", type=int, default=LookupProposer().num_tokens,
                         help="our lookup chain after a full-length match, as `generate --lookup-tokens`")
@@ -70,8 +71,6 @@ def main() -> None:
     unknown = set(rows) - set(ROWS)
     if unknown:
         parser.error(f"--rows: unknown {', '.join(sorted(unknown))}; choose from {', '.join(ROWS)}")
-    if "searched" in rows and not args.tree:
-        parser.error("--rows searched needs --tree")
     print(cpu_bf16_capability(), flush=True)
 
     tokenizer, base, heads = load_for_decoding(args.model, args.heads, args.dtype, args.device)
@@ -105,7 +104,7 @@ def main() -> None:
 
     if "heads" in rows:
         ours(f"medusa default tree ({len(default)} nodes)", default)
-    if "searched" in rows:
+    if "searched" in rows and args.tree:
         searched = load_tree(args.tree)
         ours(f"medusa searched tree ({f'{len(searched)} nodes' if searched else 'no drafting'})", searched, Path(args.tree))
     if "lookup" in rows:
