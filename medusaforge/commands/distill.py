@@ -5,6 +5,11 @@ acceptance than anything else (on SmolLM2: 0.44 head-0 top-1 on own replies agai
 human text). Prompts come from the user turns of a JSONL file or from the built-in sources
 (`chitchat`, `instructions`, or both in turn); replies are generated in batches (left padding),
 greedy by default.
+
+With `--endpoint URL` the replies come from a serving engine instead (vLLM, SGLang, any
+OpenAI-compatible server; data/endpoint.py): the same prompts, sent as the same messages, so the
+server renders the same chat template. That run is resumable: rerun the same command and only the
+prompts missing from --out are asked.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from tqdm import tqdm
 from medusaforge.config import dtype_option, option
 from medusaforge.files import atomic_file
 from medusaforge.data.conversations import read_conversations
+from medusaforge.data.distilled import distilled_record
+from medusaforge.data.endpoint import EndpointSettings, distill_through_endpoint
 from medusaforge.data.instructions import instruction_prompts
 from medusaforge.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 
@@ -32,7 +39,8 @@ BUILTIN_SOURCES = ("chitchat", "instructions")
 class DistillConfig:
     """Generate assistant replies with the base model and write ShareGPT JSONL."""
 
-    model: str = option(DEFAULT_MODEL, "base model: local HF folder, hub id, or the built-in smollm2-135m-instruct")
+    model: str = option(DEFAULT_MODEL, "base model: local HF folder, hub id, or the built-in smollm2-135m-instruct "
+                                       "(with --endpoint: the model the drafter is trained against, checked against the served one)")
     prompts: str = option("chitchat", "JSONL whose user turns are the prompts, or built-in sources: 'chitchat', 'instructions', or both joined by '+' (taken in turn)")
     out: Path = option(Path("runs/distill.jsonl"), "output ShareGPT JSONL")
     num_prompts: int = option(256, "how many prompts to use (0: all)")
@@ -47,13 +55,24 @@ class DistillConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = dtype_option("auto", "model dtype: auto (bf16 where the device runs it natively, else fp32), fp32, bf16 or fp16")
     skip_invalid: bool = option(False, "skip bad records in --prompts instead of stopping")
-    overwrite: bool = option(False, "replace an existing --out file")
+    overwrite: bool = option(False, "replace an existing --out file (with --endpoint: start again instead of resuming)")
     trust_remote_code: bool = option(False, "allow the model's own Python code from its folder")
     progress: bool = option(True, "show a progress bar")
+    endpoint: str = option("", "OpenAI-compatible server to ask instead of generating here, e.g. http://localhost:8000/v1 "
+                               "(vLLM, SGLang); an API key is read from OPENAI_API_KEY")
+    served_model: str = option("", "with --endpoint: the model name to ask for (default: --model if served, else the server's only model)")
+    check_served_model: bool = option(True, "with --endpoint: refuse a served model whose name and root do not match --model")
+    concurrency: int = option(32, "with --endpoint: requests in flight at once (the server batches them)")
+    reasoning: str = option("keep", "with --endpoint: keep or strip a reasoning model's thinking text in the replies",
+                            choices=["keep", "strip"])
+    request_timeout: float = option(600.0, "with --endpoint: seconds to wait for one reply")
+    retries: int = option(2, "with --endpoint: retries of a request after a lost connection or HTTP 408/429/5xx")
 
     def validate(self) -> None:
         if self.max_minutes < 0:
             raise ValueError("--max-minutes must be 0 (no limit) or more")
+        if self.concurrency < 1 or self.retries < 0 or self.request_timeout <= 0:
+            raise ValueError("--concurrency must be 1 or more, --retries 0 or more, --request-timeout above 0")
 
 
 def chitchat_prompts(min_chars: int, seed: int) -> list[list[dict]]:
@@ -175,14 +194,8 @@ def generate_replies(
     return results
 
 
-def run(config: DistillConfig) -> Path:
-    out = Path(config.out)
-    if out.exists() and not config.overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-
+def select_prompts(config: DistillConfig) -> list[list[dict]]:
+    """The prompt messages of this run, in order (both ways of distilling ask exactly these)."""
     if is_builtin(config.prompts):
         prompts = builtin_prompts(config.prompts, config.min_prompt_chars, config.seed)
     else:
@@ -192,7 +205,39 @@ def run(config: DistillConfig) -> Path:
         prompts = prompts[: config.num_prompts]
     if not prompts:
         raise ValueError(f"{config.prompts}: no prompts left after --skip-prompts {config.skip_prompts}")
+    return prompts
 
+
+def run_endpoint(config: DistillConfig, prompts: list[list[dict]], out: Path) -> Path:
+    settings = EndpointSettings(
+        url=config.endpoint, model=config.model, served_model=config.served_model, max_tokens=config.max_new_tokens,
+        temperature=config.temperature, seed=config.seed, reasoning=config.reasoning, concurrency=config.concurrency,
+        timeout=config.request_timeout, retries=config.retries, check_served_model=config.check_served_model)
+    tally = distill_through_endpoint(prompts, out, settings, config.overwrite, config.progress, config.max_minutes * 60)
+    seconds = max(tally.seconds, 1e-9)
+    print(f"distill: wrote {tally.written} conversations ({tally.tokens} reply tokens by the server's count, "
+          f"{tally.finished} ended at end-of-turn) to {out} in {tally.seconds:.0f}s "
+          f"({tally.written / seconds:.2f} replies/s, {tally.tokens / seconds:.0f} tok/s)")
+    if tally.not_started:
+        print(f"distill: --max-minutes {config.max_minutes:g} reached; {tally.not_started} prompts not asked (a rerun asks them)")
+    if tally.empty:
+        print(f"distill: {tally.empty} empty replies not written (a rerun asks them again)")
+    if tally.odd_finishes:
+        raise RuntimeError(f"{tally.odd_finishes} replies ended with a finish reason other than stop or length and were "
+                           f"not written (first: {tally.first_odd}); the {tally.written} others are in {out}, and a rerun asks these again")
+    return out
+
+
+def run(config: DistillConfig) -> Path:
+    out = Path(config.out)
+    if out.exists() and not config.overwrite and not config.endpoint:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    prompts = select_prompts(config)
+    if config.endpoint:
+        return run_endpoint(config, prompts, out)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     base = load_base_model(config.model, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code, check=False)
     started = perf_counter()
@@ -210,9 +255,7 @@ def run(config: DistillConfig) -> Path:
             if generated is None or not generated[0]:
                 continue
             reply, finished = generated
-            turns = [{"from": "human" if m["role"] == "user" else m["role"], "value": m["content"]} for m in prompt]
-            turns.append({"from": "gpt", "value": reply})
-            handle.write(json.dumps({"conversations": turns, "finished": finished}) + "\n")
+            handle.write(json.dumps(distilled_record(prompt, reply, finished)) + "\n")
             num_written += 1
             num_finished += finished
             reply_tokens += len(tokenizer(reply, add_special_tokens=False)["input_ids"])
