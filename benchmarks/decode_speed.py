@@ -193,6 +193,10 @@ def time_methods(methods: dict, encoded: list, max_new_tokens: int, repeats: int
 
 def print_report(methods, steps, tokens, seconds, per_prompt, identical, num_prompts: int, repeats: int) -> None:
     spreads = ratio_spread(tokens, seconds, GREEDY)
+
+    def shown(spread: Spread) -> str:  # one repeat has no range to show
+        return str(spread) if repeats > 1 else f"{spread.median:.2f}x"
+
     spread_note = (f"median of {repeats} repeats (min-max over repeats)" if repeats > 1
                    else "one repeat, no spread: pass --repeats 3 or more for one")
     print(f"vs greedy: each repeat's tok/s over HF greedy's in the same rounds, {spread_note}; "
@@ -206,7 +210,7 @@ def print_report(methods, steps, tokens, seconds, per_prompt, identical, num_pro
         on_drafts = [a for a, d in zip(accepted, drafted) if d]
         per_step = f"{1 + sum(accepted) / len(accepted):.2f}" if accepted else "-"
         accept = f"{1 + sum(on_drafts) / len(on_drafts):.2f}" if on_drafts else "-"
-        ratio = "1.00x" if name == GREEDY else str(spreads[name])
+        ratio = "1.00x" if name == GREEDY else shown(spreads[name])
         print(f"| {name:<36} | {sum(per_prompt[name]):>6} | {tps:>6.1f} | {ratio:>18} | {identical[name]:>2}/{num_prompts:<16} "
               f"| {per_step:>11} | {accept:>13} |")
     notes = token_count_notes(per_prompt, GREEDY)
@@ -216,8 +220,8 @@ def print_report(methods, steps, tokens, seconds, per_prompt, identical, num_pro
     plain = next((name for name in methods if name.startswith(PLAIN)), None)
     if plain is not None:  # drafting's own gain, with our per-step overhead against generate() taken out
         over_plain = ratio_spread(tokens, seconds, plain)
-        print(f"{plain}: {spreads[plain]} HF greedy (our decoder's overhead per step); drafting rows over it: " + "  ".join(
-            f"{name.split(' (')[0]} {over_plain[name]}" for name in methods if name not in (GREEDY, plain) and name in steps))
+        print(f"{plain}: {shown(spreads[plain])} HF greedy (our decoder's overhead per step); drafting rows over it: " + "  ".join(
+            f"{name.split(' (')[0]} {shown(over_plain[name])}" for name in methods if name not in (GREEDY, plain) and name in steps))
     for name, (sources, accepted, _) in steps.items():  # who supplied each step's accepted path
         if sources:
             by_source = accept_by_source(sources, accepted)

@@ -101,3 +101,12 @@ def test_report_shows_spread_token_notes_and_drafting_over_plain(capsys):
     assert f"{drafted}: 90 tokens against {GREEDY}'s 100 (-10.0%), different counts on 1 of 2 prompts" in out
     # over our plain decoding: 18/8 = 2.25 and 15/10 = 1.5 -> median 1.875
     assert "drafting rows over it: medusa default tree 1.88x (1.50-2.25)" in out
+
+
+def test_report_with_one_repeat_says_there_is_no_spread(capsys):
+    methods = dict.fromkeys([GREEDY, "m"])
+    decode_speed.print_report(methods, {}, {GREEDY: [100], "m": [100]}, {GREEDY: [10.0], "m": [8.0]},
+                              {GREEDY: [100], "m": [100]}, {GREEDY: 1, "m": 1}, 1, 1)
+    out = capsys.readouterr().out
+    assert "one repeat, no spread" in out and "|              1.25x |" in out and "(1.25-1.25)" not in out
+    assert "every method emitted the same count on every prompt" in out
