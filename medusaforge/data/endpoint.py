@@ -62,9 +62,10 @@ class Reply:
 def api_base(url: str) -> str:
     """'http://host:8000' -> 'http://host:8000/v1'; a URL with a path is taken as the API base."""
     url = url.rstrip("/")
-    if not urlsplit(url).scheme:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"--endpoint {url!r}: expected a URL such as http://localhost:8000/v1")
-    return url if urlsplit(url).path else url + "/v1"
+    return url if parts.path else url + "/v1"
 
 
 def reply_text(message: dict, reasoning: str) -> str:
