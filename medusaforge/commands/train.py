@@ -5,15 +5,20 @@ Each recipe is one module in medusaforge/training/ with its own config dataclass
 name `--method`), else by the `mode:`/`method:` key of the `--config` YAML file, else medusa1;
 only then is the rest of the command line parsed, into that recipe's config, so
 `medusaforge train --mode medusa2 --help` lists exactly Medusa-2's options.
+
+`--plan` answers before a launch whether the run fits: it builds the base from its config.json on
+the meta device, sizes the recipe's trainable part, and prints the memory of one rank per GPU count
+and layout (training/plan.py); nothing is trained and no weights are read.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 
-from medusaforge.config import COMMAND_LINE, check_choice, read_yaml_mapping
+from medusaforge.config import COMMAND_LINE, check_choice, option, read_yaml_mapping
 
 # recipe name -> (module, config class, one line). Each module defines the class and `train(config)`.
 RECIPES = {
@@ -23,6 +28,57 @@ RECIPES = {
 }
 DEFAULT_RECIPE = "medusa1"
 RECIPE_KEYS = ("mode", "method")  # flag names and YAML keys that choose the recipe; not recipe options
+
+
+@dataclass
+class PlanOptions:
+    """Flags of `train --plan`: questions about a recipe, not part of it (so not YAML keys)."""
+
+    plan: bool = option(False, "print the memory per GPU of this recipe at --plan-gpus counts and exit; nothing is trained, no weights are read (--model may be a folder holding only config.json, e.g. configs/models/qwen3-8b)")
+    plan_gpus: list[int] = option([1, 8], "GPU counts (torchrun ranks) to plan for")
+    device_memory_gib: float = option(80.0, "memory of one device in GiB, to say whether each layout fits")
+
+    def validate(self) -> None:
+        if any(gpus < 1 for gpus in self.plan_gpus) or self.device_memory_gib <= 0:
+            raise ValueError(f"{COMMAND_LINE}: --plan-gpus must be >= 1 and --device-memory-gib > 0")
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", type=lambda text: text.lower() in ("1", "true", "yes", "on"), nargs="?", const=True,
+                        default=False, help=PlanOptions.__dataclass_fields__["plan"].metadata["help"])
+    parser.add_argument("--plan-gpus", type=int, nargs="+", default=[1, 8], help="GPU counts to plan for (default: 1 8)")
+    parser.add_argument("--device-memory-gib", type=float, default=80.0, help="memory of one device in GiB (default: 80)")
+
+
+def plan_options(argv: list[str]) -> PlanOptions:
+    chooser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_plan_arguments(chooser)
+    known, _ = chooser.parse_known_args(argv)
+    options = PlanOptions(known.plan, known.plan_gpus, known.device_memory_gib)
+    options.validate()
+    return options
+
+
+def print_plan(name: str, config, options: PlanOptions) -> None:
+    """The memory plan of recipe `name` with `config`, one table line per GPU count and layout."""
+    from medusaforge.training.plan import format_rows, gib
+    from medusaforge.training.plan_model import plan
+
+    shape, trainable, rows, device_type = plan(name, config, options.plan_gpus)
+    source = f"offline from {config.cache}" if config.cache else "online (the frozen base runs every micro-batch)"
+    print(f"plan: {name} on {config.model} ({device_type}), {source}")
+    print(f"  base: {shape.total_params:,} parameters ({shape.num_layers} layers of {shape.layer_params:,}), "
+          f"held in fp32; trainable: {trainable:,} parameters, fp32 + AdamW")
+    print(f"  micro-batch: --batch-size {config.batch_size} sequences over all ranks x --max-length {config.max_length} "
+          f"tokens, counted at full length (GiB per rank below)")
+    for line in format_rows(rows, options.device_memory_gib):
+        print("  " + line)
+    print("  layouts: single = one process; ddp = heads/draft replicated (what train runs under torchrun); "
+          "+fsdp-base = the frozen base's layers sharded (--fsdp-base); fsdp = the trainable part fully sharded "
+          "(an estimate: train does not shard the trainable part yet)")
+    runtime = rows[0].runtime if rows else 0
+    print(f"  total includes {gib(runtime)} GiB of runtime (CUDA context and allocator slack on GPU; on CPU the "
+          "process's own baseline is not counted)")
 
 
 def recipe_name(argv: list[str]) -> str:
@@ -57,6 +113,9 @@ def select_recipe(argv: list[str], parser: argparse.ArgumentParser):
     -> (config class, run function, YAML keys the recipe's config must not see)."""
     name = recipe_name(argv)
     config_class, run = load_recipe(name)
+    options = plan_options(argv)
+    if options.plan:
+        run = lambda config: print_plan(name, config, options)  # noqa: E731 (the recipe's run, replaced)
     listing = "; ".join(f"{recipe}: {line}" for recipe, (_, _, line) in RECIPES.items())
     parser.description = (
         f"{(config_class.__doc__ or '').strip()}\n\nRecipe: {name}. Recipes ({listing}). "
@@ -64,4 +123,5 @@ def select_recipe(argv: list[str], parser: argparse.ArgumentParser):
     )
     parser.add_argument("--mode", "--method", dest="mode", default=None, metavar="{" + ",".join(RECIPES) + "}",
                         help=f"training recipe, also read from the YAML key mode/method (default: {DEFAULT_RECIPE})")
+    add_plan_arguments(parser)
     return config_class, run, RECIPE_KEYS
