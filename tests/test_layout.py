@@ -18,6 +18,7 @@ ALLOWED = {
     "interop": {"drafters", "files", "models"},
     "training": {"config", "data", "drafters", "interop", "files", "models"},
     "decoding": {"data", "drafters", "interop", "files", "models"},
+    "serving": {"drafters", "interop", "files", "models"},
     "commands": {"config", "data", "drafters", "interop", "training", "decoding", "files", "models"},
     "cli": {"config"},
 }
