@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from medusaforge.training.batches import micro_batch_plan
 from medusaforge.training.checkpoint import checkpoint_name, list_checkpoints, prune_checkpoints, rng_state, save_checkpoint
 from medusaforge.training.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier, placeholder_slice
 from medusaforge.training.loss import medusa_head_losses
@@ -39,16 +40,10 @@ def split_examples(num_examples: int, eval_fraction: float, seed: int) -> tuple[
 
 
 def batch_schedule(train_indices: list[int], batch_size: int, num_batches: int, seed: int) -> list[list[int]]:
-    """The micro-batches of the whole run, fixed up front from the seed: epoch e uses its own
-    shuffle, so the data position after a resume is just the step number."""
-    batches: list[list[int]] = []
-    epoch = 0
-    while len(batches) < num_batches:
-        order = list(train_indices)
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        batches.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
-        epoch += 1
-    return batches[:num_batches]
+    """The first `num_batches` micro-batches of `batch_size` conversations, fixed up front from the
+    seed: epoch e uses its own shuffle, so the data position after a resume is just the step number."""
+    plan = micro_batch_plan([], train_indices, seed, batch_size, batch_tokens=None)
+    return [plan[i] for i in range(num_batches)]
 
 
 def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -73,13 +68,16 @@ def find_resume_checkpoint(out: Path, resume: str) -> list[Path]:
 
 def schedule_fingerprint(config, num_train: int, total_steps: int) -> dict:
     """What fixes the data order and LR schedule; a resume must match it to continue exactly."""
-    return {
+    fingerprint = {
         "seed": config.seed,
         "batch_size": config.batch_size,
         "grad_accum": config.grad_accum,
         "total_steps": total_steps,
         "train_conversations": num_train,
     }
+    if getattr(config, "batch_tokens", None):  # absent otherwise, so checkpoints made before still match
+        fingerprint["batch_tokens"] = config.batch_tokens
+    return fingerprint
 
 
 def write_checkpoint(out: Path, step: int, heads, optimizer, scheduler, extra: dict, keep_last: int, context: DistributedContext,
@@ -106,35 +104,38 @@ def rank_batch(source, global_indices: list[int], context: DistributedContext) -
 def evaluate_heads(heads, source, indices: list[int], batch_size: int, device, autocast, chunk_size: int, context: DistributedContext | None = None) -> dict:
     """Held-out per-head loss and top-1/top-5 accuracy over target (assistant) tokens, with hidden
     states from `source` (sources.py: the base online, or a cache). Under torchrun each rank
-    evaluates its slice of every batch and the sums are all-reduced."""
+    evaluates its slice of every batch and the sums are all-reduced.
+
+    The loss is over the targets the head vocabulary can predict (all of them for full-vocabulary
+    heads), so it compares across vocabulary sizes; `outside` is the share of targets a truncated
+    vocabulary cannot predict, and accuracy counts those as misses, as decoding does."""
     context = context or DistributedContext(device=torch.device(device))
-    num_heads = heads.num_heads
-    loss_total = torch.zeros(num_heads)
-    top1 = torch.zeros(num_heads)
-    top5 = torch.zeros(num_heads)
-    counts = torch.zeros(num_heads)
+    # Rows: token loss sum, predictable targets, top-1 hits, top-5 hits, targets; one column per head.
+    totals = torch.zeros(5, heads.num_heads, dtype=torch.float64)
     for start in range(0, len(indices), batch_size):
         batch = {k: v.to(device) for k, v in rank_batch(source, indices[start : start + batch_size], context).items()}
         with autocast:
             hidden = source.hidden_states(batch)
             result = medusa_head_losses(heads, hidden, batch["input_ids"], batch["loss_mask"], chunk_size)
-        loss_total += torch.stack([s.detach().float().cpu() for s in result.loss_sums])
-        top1 += result.top1.cpu()
-        top5 += result.top5.cpu()
-        counts += result.counts.cpu()
-    for total in (loss_total, top1, top5, counts):
-        all_reduce_sum(total, context)
+        totals += torch.stack([result.token_loss_sums, result.predictable, result.top1, result.top5, result.counts]).double().cpu()
+    all_reduce_sum(totals, context)
+    loss_total, predictable, top1, top5, counts = totals
     denominator = counts.clamp(min=1)
     return {
         "num_tokens": counts.tolist(),
-        "loss": (loss_total / denominator).tolist(),
+        "loss": (loss_total / predictable.clamp(min=1)).tolist(),
+        "outside": (1 - predictable / denominator).tolist(),
         "top1": (top1 / denominator).tolist(),
         "top5": (top5 / denominator).tolist(),
     }
 
 
 def format_held_out(held_out: dict) -> str:
-    """'head0: top1=0.512 top5=0.801  head1: ...' for the final line of a run."""
-    return "  ".join(
+    """'head0: top1=0.512 top5=0.801  head1: ...' for the final line of a run, then the loss over
+    predictable targets and, where a truncated vocabulary misses some, their share."""
+    heads = "  ".join(
         f"head{k}: top1={top1:.3f} top5={top5:.3f}" for k, (top1, top5) in enumerate(zip(held_out["top1"], held_out["top5"]))
     )
+    losses = " ".join(f"{loss:.3f}" for loss in held_out["loss"])
+    outside = max(held_out.get("outside", [0.0]))
+    return heads + f"\n  loss over predictable targets: {losses}" + (f"; targets outside the head vocabulary: up to {outside:.2%}" if outside > 0 else "")

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from medusaforge.training.loss import IGNORE_INDEX, linear_cross_entropies
+
 
 def step_weights(num_steps: int, decay: float = 0.8) -> list[float]:
     return [decay**k for k in range(num_steps)]
@@ -38,11 +40,32 @@ def soft_cross_entropy(draft_logits: torch.Tensor, target_logits: torch.Tensor) 
     return -(target * torch.log_softmax(draft_logits.float(), dim=-1)).sum(-1)
 
 
+class GatheredTargets:
+    """Soft targets of one draft step, gathered and softmaxed a chunk of rows at a time:
+    softmax(target_logits[rows, positions]) over the draft vocabulary ([N, draft_vocab] is never
+    held for all rows; the chunked loss asks for rows start:end)."""
+
+    def __init__(self, target_logits: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        self.target_logits, self.rows, self.positions = target_logits, rows, positions
+
+    @torch.no_grad()
+    def probabilities(self, start: int, end: int) -> torch.Tensor:
+        return torch.softmax(self.target_logits[self.rows[start:end], self.positions[start:end]].float(), dim=-1)
+
+
 @dataclass
 class Eagle3LossResult:
     loss_sums: list[torch.Tensor]  # [steps] scalar sums over counted positions (with grad)
     top1: torch.Tensor  # [steps] correct greedy predictions
     counts: torch.Tensor  # [steps] counted positions
+
+
+def draft_ids_of(draft, base_ids: torch.Tensor) -> torch.Tensor:
+    """Base-vocabulary ids -> draft-vocabulary ids, IGNORE_INDEX for a token outside the draft vocabulary."""
+    draft_vocab = draft.lm_head.weight.shape[0]
+    inverse = torch.full((draft.t2d.shape[0],), IGNORE_INDEX, dtype=torch.long, device=base_ids.device)
+    inverse[draft.to_target(torch.arange(draft_vocab, device=base_ids.device))] = torch.arange(draft_vocab, device=base_ids.device)
+    return inverse[base_ids]
 
 
 def eagle3_losses(
@@ -51,22 +74,30 @@ def eagle3_losses(
     target_logits: torch.Tensor,
     base_argmax: torch.Tensor,
     loss_mask: torch.Tensor,
+    chunk_size: int = 512,
 ) -> Eagle3LossResult:
     """Per-step loss sums, top-1 hits and counts.
 
-    draft: an Eagle3Draft (its `logits` and `to_target`); hiddens: `draft.unroll` output, [steps] of
-    [B, T, H]; target_logits [B, T, draft_vocab]: the base logits at the draft vocabulary's tokens;
-    base_argmax [B, T]: the base's full-vocabulary argmax; loss_mask [B, T] as described above."""
+    draft: an Eagle3Draft (its `norm`, `lm_head` and vocabulary maps); hiddens: `draft.unroll`
+    output, [steps] of [B, T, H]; target_logits [B, T, draft_vocab]: the base logits at the draft
+    vocabulary's tokens; base_argmax [B, T]: the base's full-vocabulary argmax; loss_mask [B, T] as
+    described above.
+
+    Each step's loss runs chunk by chunk through loss.ChunkedLinearCrossEntropy, which computes the
+    lm_head gradients while a chunk's logits are at hand: no step keeps [N, draft_vocab] logits (or
+    their softmax) for backward, which is what made unrolled steps cost gigabytes."""
     loss_sums, top1, counts = [], [], []
     for step, hidden in enumerate(hiddens):
         rows, positions = step_positions(loss_mask, step).nonzero(as_tuple=True)
-        # Only counted positions reach the lm_head: [N, H] -> [N, draft_vocab].
-        logits = draft.logits(hidden[rows, positions])
-        targets = target_logits[rows, positions + 1 + step]
-        loss_sums.append(soft_cross_entropy(logits, targets).sum())
-        with torch.no_grad():
-            predicted = draft.to_target(logits.argmax(-1))
-            top1.append((predicted == base_argmax[rows, positions + 1 + step]).sum())
+        # Only counted positions reach the lm_head: [N, H] -> chunks of [chunk, draft_vocab].
+        normed = draft.norm(hidden[rows, positions])
+        # Greedy acceptance: the draft's argmax must be the base's full-vocabulary argmax; a base
+        # choice outside the draft vocabulary maps to IGNORE_INDEX and is a miss.
+        greedy = draft_ids_of(draft, base_argmax[rows, positions + 1 + step])
+        targets = GatheredTargets(target_logits, rows, positions + 1 + step)
+        result = linear_cross_entropies(normed, draft.lm_head.weight, greedy, targets, 1.0, chunk_size)
+        loss_sums.append(result.objective)
+        top1.append(result.top1.detach())
         counts.append(torch.tensor(len(rows)))
     return Eagle3LossResult(loss_sums, torch.stack(top1).float().cpu(), torch.stack(counts).float())
 

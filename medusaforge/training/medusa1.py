@@ -16,6 +16,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,22 +30,24 @@ from medusaforge.training.distributed import (
     DistributedContext, HeadsWithLoss, all_reduce_sum, init_distributed, shard_frozen_base, shutdown_distributed,
     wrap_heads_for_ddp,
 )
-from medusaforge.training.loss import default_head_weights, medusa_head_losses
-from medusaforge.training.options import BaseModelOptions, DataOptions, HeadOptions, OptimOptions, OutputOptions
+from medusaforge.training.budget import settle_budget
+from medusaforge.training.loss import SoftTargets, default_head_weights, medusa_head_losses
+from medusaforge.training.options import BaseModelOptions, BudgetOptions, DataOptions, HeadOptions, OptimOptions, OutputOptions
 from medusaforge.training.setup import (
-    build_heads, make_logger, micro_batches_of, open_metrics, optimizer_and_schedule, optimizer_step, prepare_output, resume,
-    total_steps_of, training_target_counts,
+    build_heads, make_logger, open_metrics, optimizer_and_schedule, optimizer_step, peak_rss_bytes, plan_and_budget, prepare_output,
+    resume, training_target_counts,
 )
 from medusaforge.training.sources import open_source
 
 
 @dataclass
-class Medusa1Config(OutputOptions, OptimOptions, HeadOptions, DataOptions, BaseModelOptions):
+class Medusa1Config(OutputOptions, BudgetOptions, OptimOptions, HeadOptions, DataOptions, BaseModelOptions):
     """Train Medusa heads on a frozen base (Medusa-1) from a chat JSONL file (ShareGPT or OpenAI messages)."""
 
     cache: Path | None = option(None, "train offline from a `medusaforge cache` folder: the base model is never run (--model must be the one that made it)")
     head_vocab: int | None = option(None, "heads project to the N most frequent target tokens of the training split (vLLM truncated_vocab_size); off by default")
     fsdp_base: bool = option(False, "under torchrun, shard the frozen base across ranks with FSDP2 (for bases too big for one device)")
+    soft_targets: float = option(0.0, "share of each head's loss taken against the base's own distribution of the target token, softmax(lm_head h_{t+k+1}), instead of the token itself: 0 tokens only, 1 the distribution only, between both (computed from the hidden states, no extra base pass)")
 
     def validate(self) -> None:
         if self.data is None and self.cache is None:
@@ -53,6 +56,9 @@ class Medusa1Config(OutputOptions, OptimOptions, HeadOptions, DataOptions, BaseM
         self.check_heads()
         self.check_optim()
         self.check_output()
+        self.check_budget(self.max_length)
+        if not 0.0 <= self.soft_targets <= 1.0:
+            raise ValueError(f"--soft-targets must be in [0, 1], got {self.soft_targets}")
 
 
 def train(config: Medusa1Config) -> dict:
@@ -81,26 +87,30 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
     heads.to(device)
     num_heads = heads.num_heads
     head_weights = config.head_weights or default_head_weights(num_heads, config.head_weight_decay)
-    total_steps = total_steps_of(config, len(train_indices))
+    micro_batches, budget = plan_and_budget(config, data.lengths.tolist(), train_indices)
     trainable = [p for p in heads.parameters() if p.requires_grad]
-    optimizer, scheduler = optimizer_and_schedule([{"params": trainable, "lr": config.lr}], config, total_steps)
-    micro_batches = micro_batches_of(config, train_indices, total_steps)
-    schedule = schedule_fingerprint(config, len(train_indices), total_steps)
-    start_step, skipped_steps = resume(config, out, heads, optimizer, scheduler, schedule, log, context.rank, base=setup.base)
+    optimizer, scheduler = optimizer_and_schedule([{"params": trainable, "lr": config.lr}], config, budget.total, budget)
+    schedule = schedule_fingerprint(config, len(train_indices), budget.planned_steps)
+    start_step, skipped_steps = resume(config, out, heads, optimizer, scheduler, schedule, log, context.rank, base=setup.base, budget=budget)
 
     # Frozen-base sharding comes after everything that reads the full base weights (lm_head copy,
     # fingerprints in build_heads/resume). Offline runs have no base to shard.
     if config.fsdp_base and setup.base is not None:
         shard_frozen_base(setup.base, context)
-    heads_with_loss = wrap_heads_for_ddp(HeadsWithLoss(heads, medusa_head_losses, config.chunk_size), context)
+    # Soft targets read the frozen base lm_head (not a parameter of the heads, so DDP ignores it).
+    loss_fn = medusa_head_losses
+    if config.soft_targets > 0:
+        loss_fn = partial(medusa_head_losses, soft=SoftTargets(setup.lm_head_weight, config.soft_targets))
+    heads_with_loss = wrap_heads_for_ddp(HeadsWithLoss(heads, loss_fn, config.chunk_size), context)
     metrics_file = open_metrics(out, config, start_step, "medusa1") if context.is_main else None
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
-                    disable=not (config.progress and context.is_main), desc="train")
+    progress = tqdm(initial=start_step, total=budget.total, disable=not (config.progress and context.is_main), desc="train")
     heads.train()
     started, tokens_seen = time.perf_counter(), 0
 
-    # ---- the loop ----
-    for step in progress:
+    # ---- the loop: until the step budget, which --max-minutes may shrink as it goes ----
+    step = start_step
+    while step < budget.total:
+        step_started = time.perf_counter()
         # This rank's slice of each global micro-batch of the step (all of it in a world of one).
         batches = [rank_batch(source, micro_batches[step * config.grad_accum + j], context) for j in range(config.grad_accum)]
         # Normalise by the target-token count of the whole optimizer step over all ranks, so
@@ -112,7 +122,8 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
         step_counts = all_reduce_sum(step_counts, context).clamp(min=1)
 
         loss_value = torch.zeros((), dtype=torch.float64)
-        head_loss, head_top1, head_top5 = torch.zeros(num_heads), torch.zeros(num_heads), torch.zeros(num_heads)
+        # Sums over the step's micro-batches: token loss, its predictable targets, soft loss, hits.
+        sums = torch.zeros(5, num_heads, dtype=torch.float64)
         for j, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             # DDP all-reduces gradients during backward; only the step's last micro-batch needs it.
@@ -126,14 +137,21 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
                 # ranks, so scale by world_size to get the gradient of the global sum.
                 (loss * context.world_size).backward()
             loss_value += loss.detach().double().cpu()  # a host-device sync; once per micro-batch is fine
-            head_loss += torch.stack([s.detach().float().cpu() for s in result.loss_sums]) / step_counts
-            head_top1 += result.top1.cpu() / step_counts
-            head_top5 += result.top5.cpu() / step_counts
+            sums += torch.stack([result.token_loss_sums, result.predictable, result.soft_loss_sums, result.top1, result.top5]).double().cpu()
             tokens_seen += int(batch["attention_mask"].sum())
-        # Shares of global means summed over ranks are the global means (one all-reduce per step).
-        step_stats = all_reduce_sum(torch.cat([loss_value.view(1), head_loss.double(), head_top1.double(), head_top5.double()]), context)
+        # One all-reduce per step: the loss (each rank's share of the global mean) and the global sums.
+        step_stats = all_reduce_sum(torch.cat([loss_value.view(1), sums.flatten()]), context)
         loss_value = float(step_stats[0])
-        head_loss, head_top1, head_top5 = step_stats[1:].float().view(3, num_heads)
+        token_loss, predictable, soft_loss, hits1, hits5 = step_stats[1:].view(5, num_heads)
+        # The token loss is reported over the targets a (truncated) head vocabulary can predict,
+        # with the share it cannot predict beside it; accuracy counts those as misses.
+        head_loss = (token_loss / predictable.clamp(min=1)).float()
+        head_outside = (1 - predictable / step_counts).float()
+        head_top1, head_top5 = (hits1 / step_counts).float(), (hits5 / step_counts).float()
+
+        # --max-minutes: the total shrinks to the steps that fit, and this step's LR follows it.
+        if settle_budget(budget, step + 1, step_started, started, optimizer, scheduler, context):
+            progress.total = budget.total
 
         # After DDP's all-reduce every rank has the same gradients, norm and loss, so all take the same branch.
         grad_norm, finite = optimizer_step(optimizer, scheduler, trainable, config, step, loss_value, out)
@@ -141,24 +159,31 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
             skipped_steps += 1
             log(f"step {step + 1}: loss {loss_value}, gradient norm {grad_norm}: not finite, step skipped ({skipped_steps} so far)")
 
+        progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.3f}", acc0=f"{head_top1[0]:.3f}")
-        if context.is_main and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
+        if context.is_main and ((step + 1) % config.log_every == 0 or step + 1 == budget.total):
             record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "head_loss": head_loss.tolist(), "head_top1": head_top1.tolist(), "head_top5": head_top5.tolist(),
-                      "skipped": not finite, "tokens_per_s": tokens_seen * context.world_size / (time.perf_counter() - started)}
+                      "head_loss": head_loss.tolist(), "head_outside": head_outside.tolist(), "head_top1": head_top1.tolist(),
+                      "head_top5": head_top5.tolist(), "skipped": not finite,
+                      "tokens_per_s": tokens_seen * context.world_size / (time.perf_counter() - started)}
+            if config.soft_targets > 0:
+                record["head_soft_loss"] = (soft_loss / step_counts).float().tolist()
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-        extra = {"data_position": (step + 1) * config.grad_accum, "world_size": context.world_size,
-                 "schedule": schedule, "skipped_nonfinite": skipped_steps}
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            write_checkpoint(out, step + 1, heads, optimizer, scheduler, extra, config.keep_last, context)
+        step += 1
+        extra = {"data_position": step * config.grad_accum, "world_size": context.world_size, "schedule": schedule,
+                 "skipped_nonfinite": skipped_steps, "budget": budget.state(time.perf_counter() - started)}
+        if config.save_every and step % config.save_every == 0 and step < budget.total:
+            write_checkpoint(out, step, heads, optimizer, scheduler, extra, config.keep_last, context)
+    progress.close()
     if metrics_file is not None:
         metrics_file.close()
     elapsed = time.perf_counter() - started
+    total_steps = budget.total
 
     # ---- save and evaluate ----
-    extra = {"data_position": total_steps * config.grad_accum, "world_size": context.world_size,
-             "schedule": schedule, "skipped_nonfinite": skipped_steps}
+    extra = {"data_position": total_steps * config.grad_accum, "world_size": context.world_size, "schedule": schedule,
+             "skipped_nonfinite": skipped_steps, "budget": budget.state(elapsed)}
     write_checkpoint(out, total_steps, heads, optimizer, scheduler, extra, config.keep_last, context)
     if context.is_main:
         heads.save(out / "heads")
@@ -170,6 +195,8 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
         "train_seconds": round(elapsed, 1), "invalid_records_skipped": data.num_invalid,
         "hidden_states": str(config.cache) if config.cache else "online", "head_vocab_coverage": head_vocab_coverage,
         "nonfinite_steps_skipped": skipped_steps, "world_size": context.world_size, "held_out": held_out,
+        "planned_steps": budget.planned_steps, "max_minutes": config.max_minutes, "batch_tokens": config.batch_tokens,
+        "soft_targets": config.soft_targets, "peak_rss_bytes": peak_rss_bytes(),
     }
     if not context.is_main:
         return summary
@@ -178,5 +205,5 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
         print(f"warning: {skipped_steps} of {total_steps} steps were skipped for a NaN/inf loss or gradient", file=sys.stderr)
     if held_out is not None:
         print(f"held-out accuracy ({len(eval_indices)} conversations): {format_held_out(held_out)}")
-    print(f"heads saved to {out / 'heads'}")
+    print(f"heads saved to {out / 'heads'}; {total_steps} steps in {elapsed:.0f} s, peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
     return summary

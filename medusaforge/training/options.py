@@ -92,3 +92,19 @@ class OutputOptions:
     def check_output(self) -> None:
         if self.save_every < 0 or self.keep_last < 0 or self.log_every < 1:
             raise ValueError("--save-every and --keep-last must be >= 0, --log-every >= 1")
+
+
+@dataclass
+class BudgetOptions:
+    """How the Medusa-1 and EAGLE-3 recipes spend a CPU: micro-batches sized in tokens, and a time
+    budget that decides how many of the planned steps run (training/batches.py, training/budget.py)."""
+
+    batch_tokens: int | None = option(None, "micro-batch size in tokens: conversations of similar length grouped so that (longest x count) <= N; replaces --batch-size for training (held-out evaluation still uses --batch-size)")
+    max_minutes: float | None = option(None, "time budget of the training loop: run as many of the planned steps (--max-steps or --epochs) as fit, with the LR decay fitted to them, so a slower host trains fewer steps, not longer")
+
+    def check_budget(self, max_length: int) -> None:
+        if self.batch_tokens is not None and self.batch_tokens < max_length:
+            raise ValueError(f"--batch-tokens {self.batch_tokens} is below --max-length {max_length}: a conversation of the "
+                             "longest allowed length would not fit in a micro-batch")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError("--max-minutes must be > 0")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from medusaforge.drafters.medusa_heads import MedusaHeads
 from medusaforge.drafters.vocab import most_frequent_tokens, target_token_counts
 from medusaforge.files import atomic_write_text, refuse_non_empty
 from medusaforge.interop.importer import import_heads
+from medusaforge.training.batches import MicroBatchPlan, micro_batch_plan, steps_for_epochs
+from medusaforge.training.budget import StepBudget
 from medusaforge.training.checkpoint import load_checkpoint, truncate_metrics
 from medusaforge.training.common import batch_schedule, cosine_with_warmup, find_resume_checkpoint
 from medusaforge.training.distributed import DistributedContext, barrier
@@ -77,9 +80,12 @@ def total_steps_of(config, num_train: int) -> int:
     return config.max_steps or max(1, int(round(steps_per_epoch * config.epochs)))
 
 
-def optimizer_and_schedule(param_groups: list[dict], config, total_steps: int):
-    """AdamW over `param_groups` (each with its own peak lr) and one warmup+cosine multiplier for all."""
+def optimizer_and_schedule(param_groups: list[dict], config, total_steps: int, budget: StepBudget | None = None):
+    """AdamW over `param_groups` (each with its own peak lr) and one warmup+cosine multiplier for all;
+    with a `budget`, the multiplier follows the budget's current total (which a time budget shrinks)."""
     optimizer = torch.optim.AdamW(param_groups, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    if budget is not None:
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, budget.lr_multiplier)
     warmup_steps = max(1, int(total_steps * config.warmup_ratio))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_with_warmup(step, total_steps, warmup_steps, config.min_lr_ratio)
@@ -91,10 +97,25 @@ def micro_batches_of(config, train_indices: list[int], total_steps: int) -> list
     return batch_schedule(train_indices, config.batch_size, total_steps * config.grad_accum, config.seed)
 
 
+def plan_and_budget(config, lengths: list[int], train_indices: list[int]) -> tuple[MicroBatchPlan, StepBudget]:
+    """The run's micro-batches (in conversations or, with --batch-tokens, in tokens) and its step
+    budget: --max-steps, else --epochs passes, of which --max-minutes keeps those that fit."""
+    plan = micro_batch_plan(lengths, train_indices, config.seed, config.batch_size, config.batch_tokens)
+    planned = config.max_steps or steps_for_epochs(plan, config.epochs, config.grad_accum)
+    return plan, StepBudget(planned, config.max_minutes, config.warmup_ratio, config.min_lr_ratio)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
 def resume(config, out: Path, heads, optimizer, scheduler, schedule: dict, log, rank: int = 0, base=None, trainable_base=None,
-           load_weights=None) -> tuple[int, int]:
-    """Restore heads, optimizer, scheduler, RNG (and with `trainable_base`, its trainable weights)
-    from --resume. -> (start step, NaN/inf steps skipped so far); (0, 0) without --resume."""
+           load_weights=None, budget: StepBudget | None = None) -> tuple[int, int]:
+    """Restore heads, optimizer, scheduler, RNG (and with `trainable_base`, its trainable weights;
+    with `budget`, the step total a time budget had settled on) from --resume.
+    -> (start step, NaN/inf steps skipped so far); (0, 0) without --resume."""
     if not config.resume:
         return 0, 0
     candidates = find_resume_checkpoint(out, config.resume)
@@ -117,6 +138,8 @@ def resume(config, out: Path, heads, optimizer, scheduler, schedule: dict, log, 
             raise ValueError(f"{checkpoint}: was written by a run with a different data order or LR schedule "
                              f"(checkpoint, now): {changed}; an exact resume needs the same settings")
         heads.load_state_dict(resumed.state_dict())
+        if budget is not None:
+            budget.restore(state["extra"].get("budget"))
         log(f"resumed from {checkpoint} at step {state['step']}")
         return state["step"], int(state["extra"].get("skipped_nonfinite", 0))
     return 0, 0
