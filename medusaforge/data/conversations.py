@@ -7,13 +7,14 @@ Accepted records (one JSON object per line):
 
 The loss mask is True exactly on the tokens the assistant wrote: each assistant turn's content and
 its end-of-turn token, never the template's role headers or any system/user text. Tokenized data
-is cached under `cache_root()/tokenized`, keyed by the data, the tokenizer, the template and
-`max_length`, so a second run skips the work.
+is cached under `cache_root()/tokenized`, keyed by everything that produces it (`data_cache_key`),
+so a second run skips the work and a change to any input is never served stale data.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 from dataclasses import dataclass
@@ -181,6 +182,32 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
+def code_fingerprint() -> str:
+    """What turns records into tokens and masks besides the data and the tokenizer: this module's own
+    source (parsing, rendering, masking, truncating, dropping) and the libraries that render the
+    template and tokenize. A hash of the source, not a version number bumped by hand, so that no
+    change to the code can be forgotten (an edit to a comment costs one re-tokenization, seconds)."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for package in ("transformers", "tokenizers", "jinja2"):
+        try:
+            digest.update(f"{package}={importlib.metadata.version(package)};".encode())
+        except importlib.metadata.PackageNotFoundError:
+            digest.update(f"{package}=none;".encode())
+    return digest.hexdigest()
+
+
+def data_cache_key(data: bytes, tokenizer, max_length: int, skip_invalid: bool) -> str:
+    """The tokenized-data cache key: the file's bytes, the tokenizer (vocabulary, merges, chat
+    template, which ids count as special: the end-of-turn token joins the mask by that), the
+    options and `code_fingerprint()`."""
+    key = hashlib.sha256(data)
+    key.update(tokenizer_fingerprint(tokenizer).encode())
+    special_ids = sorted(set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special})
+    key.update(f"special={special_ids};max_length={max_length};skip_invalid={skip_invalid};".encode())
+    key.update(code_fingerprint().encode())
+    return key.hexdigest()[:32]
+
+
 @dataclass
 class TokenizedData:
     """All examples concatenated: ids/mask [N_total], with lengths [num_examples]."""
@@ -220,17 +247,16 @@ def load_tokenized(
     from medusaforge.models import cache_root
 
     path = Path(path)
-    key = hashlib.sha256()
-    key.update(path.read_bytes())
-    key.update(tokenizer_fingerprint(tokenizer).encode())
-    key.update(f"max_length={max_length};skip_invalid={skip_invalid};v1".encode())
     cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "tokenized"
-    cache_file = cache_dir / f"{key.hexdigest()[:32]}.safetensors"
+    cache_file = cache_dir / f"{data_cache_key(path.read_bytes(), tokenizer, max_length, skip_invalid)}.safetensors"
     if cache_file.is_file():
         try:
             tensors = load_file(str(cache_file))
-            num_invalid = int(json.loads(cache_file.with_suffix(".json").read_text())["num_invalid"])
+            side = json.loads(cache_file.with_suffix(".json").read_text())
+            num_invalid, messages = int(side["num_invalid"]), list(side["messages"])
             log(f"tokenized data: reusing cache {cache_file}")
+            for message in messages:  # what the first run said about the data holds for this one too
+                log(message)
             return TokenizedData(tensors["input_ids"], tensors["loss_mask"].bool(), tensors["lengths"], num_invalid)
         except Exception as error:  # a damaged cache is rebuilt, never trusted
             log(f"tokenized data: ignoring unreadable cache {cache_file} ({error})")
@@ -248,19 +274,22 @@ def load_tokenized(
         lengths.append(len(ids))
     if not lengths:
         raise DataError(f"{path}: no example keeps an assistant token within max_length={max_length}")
+    messages = []  # logged now and stored with the cache, to be logged again on every hit
     if truncated_away:
-        log(f"dropped {len(truncated_away)} conversations whose assistant turns all lie beyond max_length={max_length} "
-            f"(first: {truncated_away[0]})")
+        messages.append(f"dropped {len(truncated_away)} conversations whose assistant turns all lie beyond "
+                        f"max_length={max_length} (first: {truncated_away[0]})")
+    messages += [f"skipped: {error}" for error in errors[:5]]
+    for message in messages:
+        log(message)
     data = TokenizedData(torch.cat(all_ids), torch.cat(all_masks), torch.tensor(lengths), len(errors))
-    for error in errors[:5]:
-        log(f"skipped: {error}")
     staging = temporary_path_beside(cache_file)
     save_file(
         {"input_ids": data.input_ids, "loss_mask": data.loss_mask.to(torch.uint8), "lengths": data.lengths},
         str(staging),
     )
     # The .json first: a cache file that exists always has its side file.
-    atomic_write_text(cache_file.with_suffix(".json"), json.dumps({"source": str(path), "num_invalid": len(errors)}))
+    atomic_write_text(cache_file.with_suffix(".json"),
+                      json.dumps({"source": str(path), "num_invalid": len(errors), "messages": messages}))
     commit_file(staging, cache_file)
     return data
 
