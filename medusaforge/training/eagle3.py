@@ -34,20 +34,22 @@ from medusaforge.files import atomic_write_text
 from medusaforge.models import base_fingerprint, lm_head_of, load_base_model, load_tokenizer, model_name, resolve_device
 from medusaforge.training.common import autocast_for, rank_batch, schedule_fingerprint, split_examples, write_checkpoint
 from medusaforge.training.distributed import (
-    DistributedContext, all_reduce_sum, init_distributed, main_process_first, shutdown_distributed, wrap_heads_for_ddp,
+    DistributedContext, all_reduce_sum, init_distributed, main_process_first, shard_frozen_base, shutdown_distributed,
+    wrap_heads_for_ddp,
 )
 from medusaforge.training.eagle3_features import Eagle3OfflineBatches, Eagle3OnlineBatches
 from medusaforge.training.hidden_cache import HiddenCache
 from medusaforge.training.eagle3_loss import eagle3_losses, step_positions, step_weights
-from medusaforge.training.options import BaseModelOptions, DataOptions, OptimOptions, OutputOptions
+from medusaforge.training.budget import settle_budget
+from medusaforge.training.options import BaseModelOptions, BudgetOptions, DataOptions, OptimOptions, OutputOptions
 from medusaforge.training.setup import (
-    make_logger, micro_batches_of, open_metrics, optimizer_and_schedule, optimizer_step, prepare_output, resume, total_steps_of,
+    make_logger, open_metrics, optimizer_and_schedule, optimizer_step, peak_rss_bytes, plan_and_budget, prepare_output, resume,
     training_target_counts,
 )
 
 
 @dataclass
-class Eagle3Config(OutputOptions, OptimOptions, DataOptions, BaseModelOptions):
+class Eagle3Config(OutputOptions, BudgetOptions, OptimOptions, DataOptions, BaseModelOptions):
     """Train an EAGLE-3 draft (one decoder layer over fused base features) on a chat JSONL file; the
     replies may be human-written, since the targets are the base model's own distributions."""
 
@@ -58,7 +60,9 @@ class Eagle3Config(OutputOptions, OptimOptions, DataOptions, BaseModelOptions):
     vocab_examples: int = option(256, "training conversations the base is run on to count its predictions for the draft vocabulary")
     feature_layers: list[int] | None = option(None, "three HF hidden_states indices fused by the draft (default: 2, L//2, L-3 as vLLM/SpecForge)")
     init_from_base: bool = option(True, "start the draft's lm_head and final norm from the base's (rows of the draft vocabulary)")
+    chunk_size: int = option(512, "positions per chunk in each step's loss (peak memory ~ chunk * draft_vocab * 4 bytes per step)")
     cache: Path | None = option(None, "train offline from a `medusaforge cache --eagle3-features` folder: the base is loaded (config, embedding) but never run; --model must be the one that made it")
+    fsdp_base: bool = option(False, "under torchrun, shard the frozen base's decoder layers across ranks with FSDP2 (for bases too big for one device; online only)")
 
     def validate(self) -> None:
         if self.data is None and self.cache is None:
@@ -69,21 +73,24 @@ class Eagle3Config(OutputOptions, OptimOptions, DataOptions, BaseModelOptions):
             raise ValueError(f"--feature-layers needs three layer indices, got {self.feature_layers}")
         if self.max_length < 3:
             raise ValueError("--max-length must be >= 3 (a draft step needs a token and a target after it)")
+        if self.chunk_size < 1:
+            raise ValueError("--chunk-size must be >= 1")
         self.check_data()
         self.check_optim()
         self.check_output()
+        self.check_budget(self.max_length)
 
 
 class DraftWithLoss(nn.Module):
     """The draft's unroll and loss as one forward call, so DDP can hook its gradient all-reduce."""
 
-    def __init__(self, draft: Eagle3Draft, num_steps: int) -> None:
+    def __init__(self, draft: Eagle3Draft, num_steps: int, chunk_size: int) -> None:
         super().__init__()
-        self.draft, self.num_steps = draft, num_steps
+        self.draft, self.num_steps, self.chunk_size = draft, num_steps, chunk_size
 
     def forward(self, features, input_ids, target_logits, base_argmax, loss_mask):
         hiddens = self.draft.unroll(input_ids, self.draft.fuse(features), self.num_steps)
-        return eagle3_losses(self.draft, hiddens, target_logits, base_argmax, loss_mask)
+        return eagle3_losses(self.draft, hiddens, target_logits, base_argmax, loss_mask, self.chunk_size)
 
 
 def choose_draft_vocab(source, data, train_indices: list[int], config: Eagle3Config, vocab_size: int, device, autocast):
@@ -101,7 +108,8 @@ def choose_draft_vocab(source, data, train_indices: list[int], config: Eagle3Con
 
 
 @torch.no_grad()
-def evaluate_draft(draft, source, indices: list[int], batch_size: int, num_steps: int, device, autocast, context: DistributedContext) -> dict:
+def evaluate_draft(draft, source, indices: list[int], batch_size: int, num_steps: int, device, autocast, context: DistributedContext,
+                   chunk_size: int = 512) -> dict:
     """Held-out per-step loss and top-1 (greedy acceptance of step k given steps < k teacher-forced)."""
     loss_total, top1, counts = torch.zeros(num_steps), torch.zeros(num_steps), torch.zeros(num_steps)
     for start in range(0, len(indices), batch_size):
@@ -109,7 +117,7 @@ def evaluate_draft(draft, source, indices: list[int], batch_size: int, num_steps
         with autocast:
             features, target_logits, base_argmax = source.inputs(batch)
             hiddens = draft.unroll(batch["input_ids"], draft.fuse(features), num_steps)
-            result = eagle3_losses(draft, hiddens, target_logits, base_argmax, batch["loss_mask"])
+            result = eagle3_losses(draft, hiddens, target_logits, base_argmax, batch["loss_mask"], chunk_size)
         loss_total += torch.stack([s.float().cpu() for s in result.loss_sums])
         top1 += result.top1
         counts += result.counts
@@ -178,26 +186,28 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
     draft.to(device)
     num_steps, weights = config.num_steps, step_weights(config.num_steps, config.step_weight_decay)
 
-    total_steps = total_steps_of(config, len(train_indices))
+    micro_batches, budget = plan_and_budget(config, data.lengths.tolist(), train_indices)
     trainable = [p for p in draft.parameters() if p.requires_grad]
-    optimizer, scheduler = optimizer_and_schedule([{"params": trainable, "lr": config.lr}], config, total_steps)
-    micro_batches = micro_batches_of(config, train_indices, total_steps)
-    schedule = schedule_fingerprint(config, len(train_indices), total_steps)
+    optimizer, scheduler = optimizer_and_schedule([{"params": trainable, "lr": config.lr}], config, budget.total, budget)
+    schedule = schedule_fingerprint(config, len(train_indices), budget.planned_steps)
 
     start_step, skipped_steps = resume(config, out, draft, optimizer, scheduler, schedule, log, context.rank,
-                                       load_weights=lambda folder: load_draft(folder, draft.embed_tokens))
+                                       load_weights=lambda folder: load_draft(folder, draft.embed_tokens), budget=budget)
     source.token_map = draft.to_target(torch.arange(draft_config.draft_vocab_size, device=device))  # a resume restores d2t
-    draft_with_loss = wrap_heads_for_ddp(DraftWithLoss(draft, num_steps), context)
+    if config.fsdp_base and cache is None:  # after every read of the full base weights (fingerprint, lm_head, norm)
+        shard_frozen_base(base, context, keep_whole=(base.get_input_embeddings().weight,))  # the draft embeds with it
+    draft_with_loss = wrap_heads_for_ddp(DraftWithLoss(draft, num_steps, config.chunk_size), context)
 
     metrics_file = open_metrics(out, config, start_step, "eagle3") if context.is_main else None
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps,
-                    disable=not (config.progress and context.is_main), desc="train eagle3")
+    progress = tqdm(initial=start_step, total=budget.total, disable=not (config.progress and context.is_main), desc="train eagle3")
     draft.train()
     started = time.perf_counter()
     tokens_seen = 0
 
-    # ---- the loop ----
-    for step in progress:
+    # ---- the loop: until the step budget, which --max-minutes may shrink as it goes ----
+    step = start_step
+    while step < budget.total:
+        step_started = time.perf_counter()
         batches = [rank_batch(source, micro_batches[step * config.grad_accum + j], context) for j in range(config.grad_accum)]
         # Normalise by the counted positions of the whole optimizer step over all ranks, so
         # accumulation and data parallelism both give exactly the loss of one big batch.
@@ -228,35 +238,44 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
         loss_value = float(step_stats[0])
         step_loss, step_top1 = step_stats[1:].float().view(2, num_steps)
 
+        # --max-minutes: the total shrinks to the steps that fit, and this step's LR follows it.
+        if settle_budget(budget, step + 1, step_started, started, optimizer, scheduler, context):
+            progress.total = budget.total
+
         # After DDP's all-reduce every rank has the same gradients, norm and loss: all take the same branch.
         grad_norm, finite = optimizer_step(optimizer, scheduler, trainable, config, step, loss_value, out)
         if not finite:
             skipped_steps += 1
             log(f"step {step + 1}: loss {loss_value}, gradient norm {grad_norm}: not finite, step skipped ({skipped_steps} so far)")
 
+        progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.3f}", acc0=f"{step_top1[0]:.3f}")
-        if context.is_main and ((step + 1) % config.log_every == 0 or step + 1 == total_steps):
+        if context.is_main and ((step + 1) % config.log_every == 0 or step + 1 == budget.total):
             record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "step_loss": step_loss.tolist(), "step_top1": step_top1.tolist(), "skipped": not finite,
                       "tokens_per_s": tokens_seen * context.world_size / (time.perf_counter() - started)}
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-        extra = {"data_position": (step + 1) * config.grad_accum, "world_size": context.world_size,
-                 "schedule": schedule, "skipped_nonfinite": skipped_steps}
-        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-            write_checkpoint(out, step + 1, draft, optimizer, scheduler, extra, config.keep_last, context)
+        step += 1
+        extra = {"data_position": step * config.grad_accum, "world_size": context.world_size, "schedule": schedule,
+                 "skipped_nonfinite": skipped_steps, "budget": budget.state(time.perf_counter() - started)}
+        if config.save_every and step % config.save_every == 0 and step < budget.total:
+            write_checkpoint(out, step, draft, optimizer, scheduler, extra, config.keep_last, context)
+    progress.close()
     if metrics_file is not None:
         metrics_file.close()
     elapsed = time.perf_counter() - started
+    total_steps = budget.total
 
     # ---- save and evaluate ----
-    extra = {"data_position": total_steps * config.grad_accum, "world_size": context.world_size,
-             "schedule": schedule, "skipped_nonfinite": skipped_steps}
+    extra = {"data_position": total_steps * config.grad_accum, "world_size": context.world_size, "schedule": schedule,
+             "skipped_nonfinite": skipped_steps, "budget": budget.state(elapsed)}
     write_checkpoint(out, total_steps, draft, optimizer, scheduler, extra, config.keep_last, context)
     if context.is_main:
         draft.save(out / "draft")
     draft.eval()
-    held_out = evaluate_draft(draft, source, eval_indices, config.batch_size, num_steps, device, autocast, context) if eval_indices else None
+    held_out = (evaluate_draft(draft, source, eval_indices, config.batch_size, num_steps, device, autocast, context, config.chunk_size)
+                if eval_indices else None)
     summary = {
         "method": "eagle3",
         "model": draft_config.base_model,
@@ -268,6 +287,9 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
         "draft_vocab_coverage": vocab_coverage,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "steps": total_steps,
+        "planned_steps": budget.planned_steps,
+        "max_minutes": config.max_minutes,
+        "batch_tokens": config.batch_tokens,
         "train_conversations": len(train_indices),
         "eval_conversations": len(eval_indices),
         "train_seconds": round(elapsed, 1),
@@ -276,6 +298,7 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
         "nonfinite_steps_skipped": skipped_steps,
         "world_size": context.world_size,
         "held_out": held_out,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
     if not context.is_main:
         return summary
@@ -286,5 +309,5 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
         with open(out / "metrics.jsonl", "a") as metrics_file:
             metrics_file.write(json.dumps({"step": total_steps, "held_out_top1": held_out["top1"], "held_out_loss": held_out["loss"]}) + "\n")
         print("held-out top-1 per step: " + " ".join(f"{t:.3f}" for t in held_out["top1"]))
-    print(f"draft saved to {out / 'draft'}")
+    print(f"draft saved to {out / 'draft'}; {total_steps} steps in {elapsed:.0f} s, peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB")
     return summary
