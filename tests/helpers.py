@@ -74,6 +74,20 @@ def save_tiny_model(directory: Path, seed: int = 0) -> Path:
     return Path(directory)
 
 
+def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """The same tensors under the same names: the key sets are equal, and each named tensor has the
+    same dtype, shape and values. (Zipping two `state_dict().values()` would pair tensors by position
+    and stop at the shorter list, so a missing or renamed tensor would pass.)"""
+    ours, theirs = a.state_dict(), b.state_dict()
+    assert ours.keys() == theirs.keys(), (
+        f"only in the first: {sorted(ours.keys() - theirs.keys())}; only in the second: {sorted(theirs.keys() - ours.keys())}"
+    )
+    for name, tensor in ours.items():
+        other = theirs[name]
+        assert tensor.dtype == other.dtype and tensor.shape == other.shape, (name, tensor.dtype, other.dtype, tensor.shape, other.shape)
+        assert torch.equal(tensor, other), f"{name} differs"
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     with open(path, "w") as handle:
         for record in records:

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from medusaforge.cli import main
@@ -32,11 +33,32 @@ def run_eval(tmp_path, *extra) -> dict:
     return json.loads(out.read_text())
 
 
+def assert_rates_match_the_timings(result: dict) -> None:
+    """tok/s is tokens over seconds, summed over the prompts the same report lists, and each speedup
+    is drafted tok/s over the other method's: an inverted or mis-summed ratio fails here."""
+    detail = result["prompts_detail"]
+    drafted_tokens, drafted_seconds = sum(r["medusa_tokens"] for r in detail), sum(r["medusa_s"] for r in detail)
+    assert drafted_tokens > 0 and drafted_seconds > 0
+    assert result["medusa_tokens_per_s"] == pytest.approx(drafted_tokens / drafted_seconds, rel=1e-9)
+    if result["baseline_tokens_per_s"] is None:
+        assert result["speedup"] is None
+        return
+    greedy_tokens, greedy_seconds = sum(r["baseline_tokens"] for r in detail), sum(r["baseline_s"] for r in detail)
+    assert result["baseline_tokens_per_s"] == pytest.approx(greedy_tokens / greedy_seconds, rel=1e-9)
+    assert result["speedup"] == pytest.approx((drafted_tokens / drafted_seconds) / (greedy_tokens / greedy_seconds), rel=1e-9)
+    if result["prompt_lookup_tokens_per_s"] is not None:  # its timings are not itemised per prompt
+        assert result["speedup_over_prompt_lookup"] == pytest.approx(
+            result["medusa_tokens_per_s"] / result["prompt_lookup_tokens_per_s"], rel=1e-9)
+
+
 def test_eval_writes_the_required_keys_and_outputs_are_identical_in_fp32(tmp_path):
     result = run_eval(tmp_path)
     for key in ("accept_length", "speedup", "medusa_tokens_per_s", "baseline_tokens_per_s", "identical", "num_prompts",
                 "prompt_lookup_tokens_per_s", "speedup_over_prompt_lookup"):
         assert result[key] is not None, key
+    assert_rates_match_the_timings(result)
+    # Identical outputs: both methods wrote the same number of tokens.
+    assert [r["medusa_tokens"] for r in result["prompts_detail"]] == [r["baseline_tokens"] for r in result["prompts_detail"]]
     assert result["num_prompts"] == 2 and result["identical"] is True and result["num_identical"] == 2
     assert set(result["accept_by_source"]) <= {"heads", "lookup", "both", "none"}  # prompt lookup is on by default
     steps = sum(r["verify_steps"] for r in result["prompts_detail"])
@@ -51,7 +73,8 @@ def test_eval_without_baseline_reports_acceptance_only(tmp_path):
     result = run_eval(tmp_path, "--baseline", "false")
     assert result["speedup"] is None and result["identical"] is None and result["baseline_tokens_per_s"] is None
     assert result["prompt_lookup_tokens_per_s"] is None and result["speedup_over_prompt_lookup"] is None
-    assert result["medusa_tokens_per_s"] > 0 and result["verify_steps"] > 0
+    assert result["verify_steps"] > 0
+    assert_rates_match_the_timings(result)
     assert result["config"]["adaptive"] is True
 
 
@@ -67,7 +90,8 @@ def test_a_no_drafting_tree_file_decodes_plainly_and_stays_identical(tmp_path):
 def test_prompt_lookup_zero_skips_that_baseline_only(tmp_path):
     result = run_eval(tmp_path, "--prompt-lookup", "0")
     assert result["prompt_lookup_tokens_per_s"] is None and result["speedup_over_prompt_lookup"] is None
-    assert result["speedup"] > 0 and result["identical"] is True
+    assert result["identical"] is True
+    assert_rates_match_the_timings(result)
 
 
 def test_eval_without_adaptive_drafting_drafts_every_step(tmp_path):

@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import assert_same_state
+
 from medusaforge.interop import importer, layouts as formats
 from medusaforge.cli import main
 from medusaforge.drafters.medusa_heads import MedusaHeads
@@ -52,8 +54,35 @@ def trained_heads(base, base_dir, tmp_path, shared=False, head_vocab_size=None, 
     return heads, heads.save(tmp_path / "heads")
 
 
-def hidden_states() -> torch.Tensor:
-    return torch.randn(2, 7, HIDDEN, generator=torch.Generator().manual_seed(5))
+def hidden_states(hidden_size: int = HIDDEN) -> torch.Tensor:
+    return torch.randn(2, 7, hidden_size, generator=torch.Generator().manual_seed(5))
+
+
+def assert_widened_keeps_trained_rows_and_top1(heads: MedusaHeads, back: MedusaHeads, hidden: torch.Tensor) -> None:
+    """The original layout has no token map, so truncated heads come back widened to the full
+    vocabulary with zero rows outside the map. What that layout promises: every trained tensor kept
+    bit for bit (the ResBlocks, and each projection's rows at the map), and each head's top-1 kept
+    wherever its best trained logit is above 0 (a zero row outranks only all-negative logits)."""
+    token_map, vocab = heads.token_map, heads.config.vocab_size
+    assert token_map is not None and back.token_map is None and back.config.head_vocab_size == vocab
+    trained, widened = heads.state_dict(), back.state_dict()
+    assert widened.keys() == trained.keys() - {"token_map"}
+    outside = torch.ones(vocab, dtype=torch.bool)
+    outside[token_map] = False
+    for name, tensor in trained.items():
+        if name == "token_map":
+            continue
+        if name.endswith("lm_head.weight"):
+            assert widened[name].shape == (vocab, tensor.shape[1]), name
+            assert not widened[name][outside].any(), f"{name}: rows outside the map are not zero"
+            kept = widened[name][token_map]
+        else:
+            kept = widened[name]
+        assert kept.dtype == tensor.dtype and torch.equal(kept, tensor), f"{name}: trained rows changed"
+    with torch.no_grad():
+        ours, theirs = heads(hidden), back(hidden)
+    assert (ours.max(-1).values > 0).all()  # so a kept top-1 is what the layout promises everywhere here
+    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
 
 
 @pytest.mark.parametrize("fmt", ["vllm", "medusa"])
@@ -65,7 +94,7 @@ def test_export_cli_writes_engine_folder_that_loads_back_bit_identical(fmt, base
     assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", "README.md", weights])
     assert importer.detect_format(out) == fmt
     back = import_heads(out, base)  # what eval/generate/train --init-heads call
-    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), back.state_dict().values()))
+    assert_same_state(heads, back)
     assert torch.equal(heads(hidden_states()), back(hidden_states()))
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # the staging folder is gone
 
@@ -156,9 +185,9 @@ def test_truncated_vocab_export_widens_rows_and_reports_top1_on_cached_hidden_st
     assert "Measured top-1 agreement" in (out / "README.md").read_text()
     back = import_heads(out, base)
     if fmt == "vllm":  # the token map rides along, so the trained heads come back bit for bit
-        assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), back.state_dict().values()))
+        assert_same_state(heads, back)
     else:  # the original layout has no token map: what comes back is what engines run
-        assert back.config.head_vocab_size == vocab
+        assert_widened_keeps_trained_rows_and_top1(heads, back, hidden_states(hidden))
     # Without a cache the export still works and says what it did not measure.
     assert main(["export", "--heads", str(heads_dir), "--format", fmt, "--out", str(tmp_path / "again")]) == 0
     assert "pass --hidden-cache" in capsys.readouterr().out
@@ -175,31 +204,31 @@ def test_import_checks_shapes_against_the_base(base, base_dir, tmp_path):
         import_heads(directory, base)
 
 
-SMOLLM2_HEADS = Path(__file__).resolve().parents[1] / "runs" / "demo" / "heads"
-
-
 @pytest.mark.slow
+@pytest.mark.parametrize("head_vocab_size", [None, 8192], ids=["full-vocab", "truncated"])
 @pytest.mark.parametrize("fmt", ["vllm", "medusa"])
-def test_smollm2_shaped_heads_round_trip_bit_identical(fmt, tmp_path):
-    """The shipped SmolLM2 heads if present, else random heads of SmolLM2's shape (576 x 49152)."""
+def test_smollm2_shaped_heads_round_trip(fmt, head_vocab_size, tmp_path):
+    """Random heads of SmolLM2's shape (576 x 49152; truncated to 8,192 tokens as `make demo` trains
+    them), built here so the result never depends on what a user has trained. They come back bit
+    for bit, except truncated heads in the original layout, which come back widened."""
     from medusaforge.commands.export import ExportConfig, run
 
-    if (SMOLLM2_HEADS / "config.json").is_file():
-        heads_dir, heads = SMOLLM2_HEADS, import_heads(SMOLLM2_HEADS)
-    else:
-        torch.manual_seed(0)
-        heads = MedusaHeads(576, 49152, 4, 1, base_model="smollm2-135m-instruct")
-        for parameter in heads.parameters():
-            parameter.data.normal_(std=0.02)
-        heads_dir = heads.save(tmp_path / "heads")
-    if heads.config.shared_lm_head:
-        pytest.skip("shared-lm_head heads need the base model; covered by the tiny-model tests")
+    torch.manual_seed(0)
+    heads = MedusaHeads(576, 49152, 4, 1, head_vocab_size=head_vocab_size, base_model="smollm2-135m-instruct")
+    for parameter in heads.parameters():
+        parameter.data.normal_(std=0.02)
+    if head_vocab_size is not None:
+        heads.token_map.copy_(torch.sort(torch.randperm(49152)[:head_vocab_size]).values)
+    heads_dir = heads.save(tmp_path / "heads")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", formats.FormatWarning)
         run(ExportConfig(heads=str(heads_dir), format=fmt, out=str(tmp_path / "out")))
     back = import_heads(tmp_path / "out")
-    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), back.state_dict().values()))
     hidden = torch.randn(1, 8, 576, generator=torch.Generator().manual_seed(0))
+    if fmt == "medusa" and head_vocab_size is not None:
+        assert_widened_keeps_trained_rows_and_top1(heads, back, hidden)
+        return
+    assert_same_state(heads, back)
     with torch.no_grad():
         assert torch.equal(heads(hidden), back(hidden))
 

@@ -89,7 +89,7 @@ def test_interrupted_cache_resumes_to_identical_files(tmp_path, tiny_model_dir, 
         assert (tmp_path / "killed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
 
-def test_cache_and_model_mismatches_are_refused(tmp_path, tiny_model_dir, isolated_cache):
+def test_cache_and_model_mismatches_are_refused(tmp_path, tiny_model_dir, isolated_cache, capsys):
     data = learnable_data(tmp_path / "data.jsonl", num_conversations=8)
     make_cache(tiny_model_dir, data, tmp_path / "cache")
     other = save_tiny_model(tmp_path / "other", seed=1)
@@ -98,7 +98,15 @@ def test_cache_and_model_mismatches_are_refused(tmp_path, tiny_model_dir, isolat
         hidden_cache.run(hidden_cache.CacheConfig(model=str(other), data=data, out=tmp_path / "cache", shard_mb=0.01, batch_size=4, dtype="fp32"))
     argv = ["train", "--cache", str(tmp_path / "cache"), "--model", str(other), "--out", str(tmp_path / "run"),
             "--max-steps", "1", "--progress", "false"]
+    before = {p: p.read_bytes() for p in (tmp_path / "cache").iterdir()}
+    capsys.readouterr()
     assert main(argv) == 1
+    # Refused for the right reason, naming both models, before anything was trained or written.
+    error = capsys.readouterr().err
+    assert error.startswith("medusaforge train: error: ") and "the cache was made from model" in error, error
+    assert f"--model {other} has fingerprint" in error, error
+    assert not (tmp_path / "run" / "heads").exists() and not (tmp_path / "run" / "summary.json").exists()
+    assert {p: p.read_bytes() for p in (tmp_path / "cache").iterdir()} == before
     with pytest.raises(ValueError, match="cache was made from model"):
         HiddenCache(tmp_path / "cache").check_model(other)
 

@@ -19,8 +19,9 @@ from medusaforge.cli import main
 from medusaforge.training.checkpoint import list_checkpoints, truncate_metrics
 
 # Runs the real CLI in a child process, with one fault hook chosen by the environment:
-#   SLOW_STEP=s     sleep s seconds per micro-batch (in the recipe module SLOW_MODULE), so a
-#                   SIGKILL from the parent lands mid-run;
+#   PAUSE_AFTER=n   once checkpoint n is in place, the next loss computation (in the recipe module
+#                   PAUSE_MODULE) creates the file PAUSE_MARKER and waits there for the parent's
+#                   SIGKILL: the kill lands mid-run at the same point however loaded the host is;
 #   KILL_IN_SAVE=n  SIGKILL itself while checkpoint n is half written (files in the temporary
 #                   folder, not yet renamed).
 CHILD = r"""
@@ -28,13 +29,19 @@ import importlib, os, signal, sys, time
 import medusaforge.files as files
 from medusaforge.cli import main
 
-if "SLOW_STEP" in os.environ:
-    recipe = importlib.import_module(os.environ.get("SLOW_MODULE", "medusaforge.training.medusa1"))
-    real_loss = recipe.medusa_head_losses
-    def slow_loss(*args, **kwargs):
-        time.sleep(float(os.environ["SLOW_STEP"]))
+if "PAUSE_AFTER" in os.environ:
+    recipe = importlib.import_module(os.environ["PAUSE_MODULE"])
+    real_loss, real_replace, saved = recipe.medusa_head_losses, files.replace_directory, []
+    def replace_and_note(staging, directory):
+        real_replace(staging, directory)
+        saved.append(directory.name == "step-%06d" % int(os.environ["PAUSE_AFTER"]))
+    def loss_or_pause(*args, **kwargs):
+        if any(saved):
+            open(os.environ["PAUSE_MARKER"], "w").close()
+            time.sleep(3600)
         return real_loss(*args, **kwargs)
-    recipe.medusa_head_losses = slow_loss
+    files.replace_directory = replace_and_note
+    recipe.medusa_head_losses = loss_or_pause
 if "KILL_IN_SAVE" in os.environ:
     real_replace = files.replace_directory
     def replace_or_die(staging, directory):
@@ -114,14 +121,17 @@ def start_child(tmp_path, setup, args, **fault):
     return subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def kill_mid_run(tmp_path, setup, mode, out, slow_step):
-    child = start_child(tmp_path, setup, train_args(setup, out, mode), SLOW_STEP=slow_step, SLOW_MODULE=f"medusaforge.training.{mode}")
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and child.poll() is None:
-        if any(path.name >= "step-000003" for path in list_checkpoints(out / "checkpoints")):
-            break
-        time.sleep(0.02)
-    assert child.poll() is None, "the child finished (or died) before it could be killed:\n" + child.stderr.read()[-2000:]
+def kill_mid_run(tmp_path, setup, mode, out, after_checkpoint=3):
+    """SIGKILL a training child in the step after checkpoint `after_checkpoint`, where it waits for
+    the kill (see CHILD). -> the number of steps it had logged."""
+    marker = tmp_path / "paused"
+    child = start_child(tmp_path, setup, train_args(setup, out, mode), PAUSE_AFTER=after_checkpoint,
+                        PAUSE_MODULE=f"medusaforge.training.{mode}", PAUSE_MARKER=marker)
+    deadline = time.monotonic() + 600  # a safety net against a hung child only: the child waits for us
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists() and child.poll() is None, "the child never reached the pause:\n" + (
+        "" if child.poll() is None else child.stderr.read()[-2000:])
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL
@@ -133,8 +143,8 @@ def kill_mid_run(tmp_path, setup, mode, out, slow_step):
 def test_sigkill_mid_run_then_resume_auto_gives_the_uninterrupted_curve(mode, tmp_path, setup, reference, monkeypatch):
     clean = reference(mode)
     out = tmp_path / "killed"
-    killed_at = kill_mid_run(tmp_path, setup, mode, out, slow_step=0.15 if mode == "medusa1" else 0.3)
-    assert 3 <= killed_at < STEPS
+    killed_at = kill_mid_run(tmp_path, setup, mode, out)
+    assert killed_at == 3  # steps 1-3 logged and checkpointed, step 4 cut short
 
     assert run_main(setup, [*train_args(setup, out, mode), "--resume", "auto"], monkeypatch) == 0
     assert curve(out, mode) == curve(clean, mode)  # bitwise: floats compared with ==

@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 
+from medusaforge.decoding import speculative_sampling
 from medusaforge.decoding.speculative_sampling import (
     acceptance_probability,
     chain_accept,
@@ -68,15 +69,6 @@ def test_deterministic_siblings_are_lossless_exactly():
         assert got.tolist() == pytest.approx(P.tolist(), abs=1e-6)
 
 
-def test_a_lossy_rule_is_caught():
-    # Accepting a candidate whenever p(x) > 0.25 (a typical-acceptance-like rule) is not lossless:
-    # the exact check above must be able to see that.
-    biased = torch.zeros(3)
-    biased[1] = 1.0 if P[1] > 0.25 else 0.0
-    biased += (1 - biased[1]) * residual_distribution(P, torch.eye(3)[1])
-    assert (biased - P).abs().max() > 0.1
-
-
 # ---- the whole procedure, sampled ---------------------------------------------------------------
 
 # A Markov "base" and "draft": the distribution of the next token given the previous one.
@@ -92,8 +84,9 @@ def assert_joint_matches(counts: torch.Tensor, start: int):
     assert ((observed - expected).abs() <= tolerance).all(), (observed, expected)
 
 
-def test_chain_with_sampled_drafts_is_lossless():
-    generator = torch.Generator().manual_seed(0)
+def chain_pair_counts(generator: torch.Generator) -> torch.Tensor:
+    """[3, 3] counts of the first two tokens emitted after context token 0 by `chain_accept` with
+    two drafts sampled from DRAFT per step, over SAMPLES runs."""
     counts = torch.zeros(3, 3)
     for _ in range(SAMPLES):
         emitted = []
@@ -107,15 +100,16 @@ def test_chain_with_sampled_drafts_is_lossless():
             emitted += drafts[:accepted].tolist() + [token]
             last = emitted[-1]
         counts[emitted[0], emitted[1]] += 1
-    assert_joint_matches(counts, 0)
+    return counts
 
 
-def test_tree_with_deterministic_children_is_lossless():
-    # Root (context token 2) with children 1 and 0; child 1 has children 2 and 0 (EAGLE-2 shaped).
+def tree_pair_counts(generator: torch.Generator) -> torch.Tensor:
+    """[3, 3] counts of the first two tokens emitted after context token 2 by `tree_accept` over a
+    fixed tree: root with children 1 and 0; child 1 with children 2 and 0 (EAGLE-2 shaped, one-hot
+    drafts), over SAMPLES runs."""
     tokens = torch.tensor([2, 1, 0, 2, 0])
     parents = torch.tensor([-1, 0, 0, 1, 1])
     target = torch.stack([BASE[t] for t in tokens.tolist()])
-    generator = torch.Generator().manual_seed(1)
     counts = torch.zeros(3, 3)
     for _ in range(SAMPLES):
         path, token = tree_accept(tokens, parents, target, None, generator)
@@ -123,7 +117,31 @@ def test_tree_with_deterministic_children_is_lossless():
         if len(emitted) < 2:  # one more plain base sample gives the second token
             emitted.append(int(torch.multinomial(BASE[emitted[0]], 1, generator=generator)))
         counts[emitted[0], emitted[1]] += 1
-    assert_joint_matches(counts, 2)
+    return counts
+
+
+def test_chain_with_sampled_drafts_is_lossless():
+    assert_joint_matches(chain_pair_counts(torch.Generator().manual_seed(0)), 0)
+
+
+def test_tree_with_deterministic_children_is_lossless():
+    assert_joint_matches(tree_pair_counts(torch.Generator().manual_seed(1)), 2)
+
+
+@pytest.mark.parametrize("procedure, start", [(chain_pair_counts, 0), (tree_pair_counts, 2)], ids=["chain", "tree"])
+def test_a_lossy_rule_is_caught(procedure, start, monkeypatch):
+    # Accepting a candidate outright whenever p(x) > 0.25 (a typical-acceptance-like rule) is not
+    # lossless. Plugged into the product's own acceptance path (the module function that
+    # choose_among_siblings calls), the sampled check the lossless tests pass must fail on it.
+    lossless = speculative_sampling.acceptance_probability
+
+    def accept_when_likely(p, q, token):
+        return torch.ones(()) if p[token] > 0.25 else lossless(p, q, token)
+
+    monkeypatch.setattr(speculative_sampling, "acceptance_probability", accept_when_likely)
+    counts = procedure(torch.Generator().manual_seed(0))
+    with pytest.raises(AssertionError):
+        assert_joint_matches(counts, start)
 
 
 def test_target_distribution_needs_positive_temperature():

@@ -2,6 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from medusaforge.decoding.cost import StepCost
 from medusaforge.drafters.medusa_heads import MedusaHeads
 from medusaforge.models import final_hidden_states
 from medusaforge.decoding.tree_search import (
@@ -42,9 +43,14 @@ def test_tree_from_measured_rank_paths():
     assert expected_accept_length_from_frequencies(tree, frequencies) == pytest.approx(2.0)
 
 
-def test_tree_command_writes_a_loadable_tree_with_its_fitted_cost(tmp_path):
+def plain_10ms_drafted_2ms_plus_half_per_node(size: int) -> float:
+    return 0.010 if size == 0 else 0.002 + 0.0005 * size
+
+
+def test_tree_command_writes_a_loadable_tree_with_its_fitted_cost(tmp_path, monkeypatch):
     from helpers import save_tiny_model, write_jsonl
 
+    from medusaforge.commands import tree as tree_command
     from medusaforge.commands.tree import TreeSearchConfig, run
     from medusaforge.decoding.loading import adaptive_drafting
     from medusaforge.decoding.tree import load_tree, load_tree_metadata
@@ -59,12 +65,27 @@ def test_tree_command_writes_a_loadable_tree_with_its_fitted_cost(tmp_path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hello there"}, {"prompt": "What is the capital of France?"}])
     out = tmp_path / "tree.json"
     config = TreeSearchConfig(model=str(model_dir), heads=heads_dir, prompts=str(prompts), limit=2, calibration_tokens=12,
-                              sizes=[1, 2, 4], repeats=2, dtype="fp32", measure_prompts=0, out=out)
+                              sizes=[1, 2, 4], repeats=2, dtype="fp32", measure_prompts=0, out=out,
+                              max_rank=64)  # deep enough lists that sizes 1, 2 and 4 are three distinct trees
+    real_time_steps = tree_command.time_steps
+
+    def step_costs_by_formula(base, heads, trees, prefix, rounds):
+        # The real steps still run; their seconds come from a formula, so the choice does not hang
+        # on the load of the host.
+        timings = real_time_steps(base, heads, trees, prefix, rounds)
+        assert set(timings) == set(trees) and all(len(times) == rounds for times in timings.values())
+        return {size: [plain_10ms_drafted_2ms_plus_half_per_node(size)] * rounds for size in timings}
+
+    monkeypatch.setattr(tree_command, "time_steps", step_costs_by_formula)
     config.validate()
     summary = run(config)
     paths, metadata = load_tree(out), load_tree_metadata(out)
-    assert len(paths) == metadata["num_nodes"] == summary["chosen"]["nodes"]
     assert [row["nodes"] for row in summary["sizes"]][0] == 0  # "no drafting" is always a candidate
-    assert metadata["step_cost"]["per_node_ms"] >= 0 and metadata["plain_step_ms"] > 0
+    # The formula's line comes back from the fit, and the size with the most tokens per second under
+    # it wins (drafting always does here: even 1 token per step beats a 10 ms plain step).
+    assert metadata["step_cost"] == {"fixed_ms": 2.0, "per_node_ms": 0.5} and metadata["plain_step_ms"] == 10.0
+    accept = {row["nodes"]: row["expected_accept_length"] for row in summary["sizes"] if row["nodes"]}
+    best = max(accept, key=lambda n: (accept[n] / plain_10ms_drafted_2ms_plus_half_per_node(n), -n))
+    assert summary["chosen"]["nodes"] == best > 0 and len(paths) == metadata["num_nodes"] == best
     rule = adaptive_drafting(out)
-    assert rule.given_cost.fixed == metadata["step_cost"]["fixed_ms"] / 1000
+    assert rule.given_cost == StepCost(0.002, 0.0005) and rule.given_plain == 0.010
