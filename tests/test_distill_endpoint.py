@@ -262,3 +262,21 @@ def test_a_resumed_file_must_keep_the_settings_that_wrote_it(tmp_path, capsys):
         assert "was written with max_tokens 128" in capsys.readouterr().err
         assert distill(server.url, prompts, out, "--max-new-tokens", "64", "--overwrite") == 0
     assert len(user_turns(out)) == 6
+
+
+def test_the_measurement_script_runs_both_modes_on_the_same_prompts(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("distill_endpoint", REPO / "benchmarks" / "distill_endpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, prompts = save_tiny_model(tmp_path / "model"), prompts_file(tmp_path, 4)
+    with fake_server(models=[{"id": str(model), "root": str(model)}]) as server:
+        assert script.main(["--endpoint", server.url, "--model", str(model), "--prompts", str(prompts), "--num-prompts", "0",
+                            "--max-new-tokens", "6", "--dtype", "fp32", "--out-dir", str(tmp_path / "bench")]) == 0
+    report = json.loads((tmp_path / "bench" / "report.json").read_text())
+    served, builtin = report["reports"]
+    assert (served["mode"], served["replies"], builtin["mode"]) == ("vllm", 4, "builtin")
+    assert served["reply_tokens"] > 0 and served["tokens_per_second"] == served["reply_tokens"] / served["seconds"]
+    assert report["both_answered"] == builtin["replies"] and report["same_reply"] == 0  # echo is not the tiny model
+    assert "| vllm | 4 |" in capsys.readouterr().out
