@@ -55,5 +55,14 @@ eagle3: setup
 serve-check: setup
 	bash benchmarks/serve_check.sh
 
+# Distill through vLLM's OpenAI-compatible server (issue 21): starts it from .venv-vllm (made if
+# missing) on a free port with the embedded SmolLM2, asks NUM_PROMPTS (default 256) chitchat prompts
+# through `distill --endpoint`, writes runs/distill-vllm/vllm.jsonl and stops the server whatever
+# happens. A rerun resumes the file. benchmarks/distill_endpoint.py also times the built-in distill.
+.PHONY: distill-vllm
+distill-vllm: setup
+	bash benchmarks/serve_check.sh install
+	$(BIN)/python benchmarks/distill_endpoint.py --modes vllm --no-overwrite --num-prompts $${NUM_PROMPTS:-256} --out-dir runs/distill-vllm
+
 clean-cache:
 	rm -rf $${MEDUSAFORGE_CACHE:-$$HOME/.cache/medusaforge}
