@@ -81,10 +81,10 @@ def verdict(judgement: dict | None, index: int | None = None) -> str:
 def outputs_line(counts: dict, dtype: torch.dtype) -> str:
     """The summary a reader sees first: identical, near-ties (with the largest gap), bugs."""
     total = sum(counts[name] for name in CLASSES)
-    share = f"{NEAR_TIE_SHARE[dtype]:.3g} of the top logit"
+    share = f"1/{round(1 / NEAR_TIE_SHARE[dtype])} of the top logit"
     line = f"outputs against greedy: {counts[IDENTICAL]}/{total} identical, {counts[NEAR_TIE]} part at a near-tie"
     if counts[NEAR_TIE]:
-        line += f" (largest gap {counts['largest_near_tie_gap']:.3g} within the {dtype_name(dtype)} bound, {share})"
+        line += f" (largest gap {counts['largest_near_tie_gap']:.3g}; {dtype_name(dtype)} bound: {share})"
     line += f", {counts[BUG]} part otherwise"
     if counts[BUG]:
         line += " (MISMATCH: the drafted token lies beyond any rounding difference, a decoding bug)"
