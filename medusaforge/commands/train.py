@@ -69,7 +69,9 @@ def print_plan(name: str, config, options: PlanOptions) -> None:
     print(f"plan: {name} on {config.model} ({device_type}), {source}")
     print(f"  base: {shape.total_params:,} parameters ({shape.num_layers} layers of {shape.layer_params:,}), "
           f"held in fp32; trainable: {trainable:,} parameters, fp32 + AdamW")
-    print(f"  micro-batch: --batch-size {config.batch_size} sequences over all ranks x --max-length {config.max_length} "
+    from medusaforge.training.plan_model import global_sequences
+
+    print(f"  micro-batch: {global_sequences(config)} sequences over all ranks x --max-length {config.max_length} "
           f"tokens, counted at full length (GiB per rank below)")
     for line in format_rows(rows, options.device_memory_gib):
         print("  " + line)

@@ -149,12 +149,14 @@ def wrap_heads_for_ddp(module: nn.Module, context: DistributedContext) -> nn.Mod
     return DistributedDataParallel(module, device_ids=device_ids)
 
 
-def shard_frozen_base(base: nn.Module, context: DistributedContext) -> None:
+def shard_frozen_base(base: nn.Module, context: DistributedContext, keep_whole: tuple[nn.Parameter, ...] = ()) -> None:
     """FSDP2 `fully_shard` of the frozen base: each decoder layer, then the decoder as the root.
 
     For bases too big for one device. Parameters are all-gathered layer by layer in forward and
     freed after. The lm_head (on the CausalLM wrapper, outside the decoder) stays whole on every
     rank, because the heads are initialised from it and `--shared-lm-head` projects with it.
+    `keep_whole` are decoder parameters used outside the decoder's forward (the EAGLE-3 draft
+    embeds its tokens with the base embedding): FSDP ignores them, so they stay plain tensors.
     Call after anything that reads the full base weights (fingerprint, lm_head copy).
     """
     if not context.enabled:
@@ -165,6 +167,22 @@ def shard_frozen_base(base: nn.Module, context: DistributedContext) -> None:
     layers = getattr(decoder, "layers", None)
     if layers is None:
         raise ValueError(f"{type(base).__name__}: --fsdp-base needs a decoder with a .layers list")
+    decoder_class = type(decoder)
     for layer in layers:
         fully_shard(layer)
-    fully_shard(decoder)
+    fully_shard(decoder, ignored_params=set(keep_whole) or None)
+    keep_output_capture(decoder, decoder_class)
+
+
+def keep_output_capture(module: nn.Module, original_class: type) -> None:
+    """fully_shard swaps a module's class for an FSDP subclass, and transformers 5 looks up what a model
+    may record (`output_hidden_states`, which EAGLE-3 reads) by its class name: without this the
+    sharded decoder returns hidden_states=None. Registers the original class's entry under the new one
+    (a private registry of transformers 5; nothing to do where it does not exist)."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:
+        return
+    specs = dict.get(_CAN_RECORD_REGISTRY, str(original_class))
+    if specs:
+        _CAN_RECORD_REGISTRY[module] = specs

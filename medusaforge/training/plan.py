@@ -62,7 +62,8 @@ class Workload:
     num_heads: int = 0  # Medusa heads
     num_layers: int = 0  # ResBlocks per head
     head_vocab: int = 0  # rows of each head's own projection (0: shared with the frozen base lm_head)
-    chunk_size: int = 512  # rows per chunk of the head loss
+    chunk_size: int = 512  # rows per chunk of the head / step loss
+    soft_targets: bool = False  # Medusa heads also learn the base's distribution (--soft-targets)
     num_steps: int = 0  # EAGLE-3 training-time-test steps
     draft_vocab: int = 0  # EAGLE-3 draft vocabulary
     cache_bytes: int = 2  # bytes per stored value in a hidden-state cache (bf16)
@@ -128,13 +129,16 @@ def medusa_activation_bytes(shape: BaseShape, work: Workload) -> int:
     Per head, over N = tokens target positions: the gathered hidden states [N, H] fp32; per ResBlock the
     linear's input cast and output (compute) and the fp32 residual sum; the loss keeps d(loss)/dx [N, H]
     fp32 and, for an own projection, d(loss)/dW [head_vocab, H] fp32. While a chunk is computed:
-    its logits in the compute dtype and fp32, and the fp32 softmax-minus-one-hot made in place."""
+    its logits in the compute dtype and fp32, and the fp32 softmax-minus-one-hot made in place; with
+    soft targets also the base's logits and probabilities of the chunk over the full vocabulary."""
     tokens, hidden = work.tokens, shape.hidden_size
     per_head = tokens * hidden * (FP32 + work.num_layers * (2 * work.compute + FP32) + FP32)
     if work.head_vocab:
         per_head += FP32 * work.head_vocab * hidden
     rows = work.head_vocab or shape.vocab_size
     chunk = min(work.chunk_size, tokens) * rows * (work.compute + 2 * FP32)
+    if work.soft_targets:
+        chunk += min(work.chunk_size, tokens) * shape.vocab_size * (work.compute + 2 * FP32)
     return work.num_heads * per_head + chunk
 
 
@@ -158,15 +162,18 @@ def eagle3_activation_bytes(shape: BaseShape, work: Workload) -> int:
     """The draft's unroll and loss for one micro-batch (training/eagle3_loss.py), kept until backward.
 
     Inputs held for the step: the fused features [T, 3H] fp32 and their cast for `fc`, and the target
-    logits [T, draft_vocab] fp32. Then every step's layer activations, and per step the loss: the
-    draft logits' log-softmax and the target softmax [N, draft_vocab] fp32 with the gathered, normed
-    hidden states. The attention scores of the last step are the transient peak on top."""
+    logits [T, draft_vocab] fp32. Then every step's layer activations, and per step the chunked loss
+    (loss.ChunkedLinearCrossEntropy): the gathered, normed hidden states [N, H], d(loss)/dx [N, H] fp32
+    and d(loss)/d lm_head [draft_vocab, H] fp32, kept until backward. On top, transient: the last
+    step's attention scores, and one loss chunk's logits (compute, fp32), softmax and target
+    probabilities [chunk, draft_vocab] fp32."""
     tokens, hidden, vocab = work.tokens, shape.hidden_size, work.draft_vocab
     inputs = tokens * (3 * hidden * (FP32 + work.compute) + FP32 * vocab)
     steps = sum(eagle3_step_bytes(shape, tokens, work.length, k, work.compute) for k in range(work.num_steps))
-    loss = work.num_steps * tokens * (2 * FP32 * vocab + hidden * (2 * FP32 + 2 * work.compute))
+    loss = work.num_steps * (tokens * hidden * (3 * FP32 + work.compute) + FP32 * vocab * hidden)
     scores = tokens * shape.num_heads * (work.length + work.num_steps) * 2 * work.compute
-    return inputs + steps + loss + scores
+    chunk = min(work.chunk_size, tokens) * vocab * (work.compute + 3 * FP32)
+    return inputs + steps + loss + max(scores, chunk)
 
 
 def cache_read_bytes(shape: BaseShape, work: Workload) -> int:

@@ -78,14 +78,23 @@ def compute_bytes(config, device_type: str) -> int:
     return 2 if supports_bf16("cpu") else FP32
 
 
+def global_sequences(config) -> int:
+    """Sequences of full --max-length in one global micro-batch: --batch-size, or with a token budget
+    (--batch-tokens, padded to the longest) as many full-length ones as fit: the worst case, since
+    attention grows with the length."""
+    batch_tokens = getattr(config, "batch_tokens", None)
+    return max(1, batch_tokens // config.max_length) if batch_tokens else config.batch_size
+
+
 def workload(recipe: str, config, shape: BaseShape, gpus: int, device_type: str) -> Workload:
-    common = dict(recipe=recipe, sequences=rank_sequences(config.batch_size, gpus), length=config.max_length,
-                  compute=compute_bytes(config, device_type), online=config.cache is None)
+    common = dict(recipe=recipe, sequences=rank_sequences(global_sequences(config), gpus), length=config.max_length,
+                  compute=compute_bytes(config, device_type), online=config.cache is None,
+                  chunk_size=getattr(config, "chunk_size", 512))
     if recipe == "eagle3":
         return Workload(**common, num_steps=config.num_steps, draft_vocab=min(config.draft_vocab, shape.vocab_size))
     head_vocab = 0 if config.shared_lm_head else (config.head_vocab or shape.vocab_size)
     return Workload(**common, num_heads=config.num_heads, num_layers=config.num_layers, head_vocab=head_vocab,
-                    chunk_size=config.chunk_size)
+                    soft_targets=getattr(config, "soft_targets", 0.0) > 0)
 
 
 def layouts_for(recipe: str, config, gpus: int) -> list[str]:
