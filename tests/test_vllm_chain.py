@@ -12,6 +12,7 @@ from medusaforge.drafters.chain import EAGLE3, HEADS, LOOKUP, ChainDrafter, Chai
 from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base
 from medusaforge.drafters.lookup import NgramIndex
 from medusaforge.drafters.medusa_heads import MedusaHeads
+from medusaforge.serving.vllm import options_from_env, supported
 
 HIDDEN = 4
 
@@ -151,3 +152,15 @@ def test_eagle3_chain_follows_the_greedy_draft_across_steps():
     third = drafter.step([ChainRequest("b", longer, 3, features=features[3:8])])
     with torch.inference_mode():
         assert third == [eagle_reference_chain(draft, features[3:8], longer[3:], 3)]
+
+
+def test_supported_vllm_versions_and_the_proposers_options():
+    assert supported("0.32.0") and supported("0.32.3+cpu")
+    assert not supported("0.33.0") and not supported("0.31.2") and not supported("dev") and not supported("1.0")
+    assert options_from_env({}) == {"drafter": None, "lookup": True, "max_batch": 4, "draft_log": None}
+    options = options_from_env({"MEDUSAFORGE_DRAFTER": "runs/demo/heads", "MEDUSAFORGE_LOOKUP": "0", "MEDUSAFORGE_MAX_BATCH": "16"})
+    assert options == {"drafter": "runs/demo/heads", "lookup": False, "max_batch": 16, "draft_log": None}
+    with pytest.raises(ValueError, match="MEDUSAFORGE_LOOKUP='maybe'"):
+        options_from_env({"MEDUSAFORGE_LOOKUP": "maybe"})
+    with pytest.raises(ValueError, match="MEDUSAFORGE_MAX_BATCH='many'"):
+        options_from_env({"MEDUSAFORGE_MAX_BATCH": "many"})

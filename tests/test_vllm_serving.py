@@ -21,7 +21,8 @@ import torch
 from helpers import tiny_llama, tiny_tokenizer
 
 from medusaforge.cli import main
-from medusaforge.drafters.chain import HEADS, LOOKUP, heads_chain, lookup_chain
+from medusaforge.drafters.chain import EAGLE3, HEADS, LOOKUP, ChainDrafter, ChainRequest, heads_chain, lookup_chain
+from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base
 from medusaforge.drafters.lookup import NgramIndex
 from medusaforge.drafters.medusa_heads import MedusaHeads
 
@@ -29,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("MEDUSAFORGE_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 PROPOSER = "medusaforge.serving.vllm.proposer.MedusaforgeProposer"
 NUM_HEADS, HEAD_VOCAB, MAX_TOKENS = 3, 64, 24
+# HF hidden_states indices; 1 twice: vLLM captures a layer once, the proposer must still feed it twice.
+EAGLE_FEATURES = (0, 1, 1)
 
 pytestmark = [
     pytest.mark.slow,
@@ -122,3 +125,37 @@ def test_plugin_serves_truncated_heads_at_their_cost_and_equals_plain(setup):
     expected = [our_heads_chain(setup["base"], setup["heads"], prompt + setup["plain"]["token_ids"][i][:1])
                 for i, prompt in enumerate(setup["prompts"])]
     assert first == expected
+
+
+def test_our_proposer_with_an_eagle3_draft_equals_plain_and_drafts_its_greedy_chain(setup):
+    root, base = setup["root"], setup["base"]
+    torch.manual_seed(2)
+    draft = Eagle3Draft(draft_config_from_base(base.config, HEAD_VOCAB, EAGLE_FEATURES), base.get_input_embeddings())
+    draft_ids = setup["heads"].token_map  # a truncated draft vocabulary: target id = draft id + d2t[draft id]
+    t2d = torch.zeros(base.config.vocab_size, dtype=torch.bool)
+    t2d[draft_ids] = True
+    draft.set_vocab(draft_ids - torch.arange(HEAD_VOCAB), t2d)
+    for name, parameter in draft.named_parameters():
+        parameter.data.normal_(std=0.5 if "norm" not in name else 0.1).add_(1.0 if "norm" in name else 0.0)
+    draft.eval().save(root / "eagle3" / "draft")  # a `train --method eagle3` output folder
+    log = root / "eagle3-drafts.jsonl"
+    env = {"MEDUSAFORGE_DRAFTER": str(root / "eagle3"), "MEDUSAFORGE_LOOKUP": "0", "MEDUSAFORGE_MAX_BATCH": "8",
+           "MEDUSAFORGE_DRAFT_LOG": str(log)}
+    ours = run_engine(root, "eagle3", setup["prompts"], {"method": "custom_class", "model": PROPOSER,
+                                                         "num_speculative_tokens": NUM_HEADS}, env)
+    assert ours["token_ids"] == setup["plain"]["token_ids"]
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    order = list(dict.fromkeys(e["req_id"] for e in entries))
+    assert {e["source"] for e in entries} == {EAGLE3}
+    checked = 0
+    for entry in entries[:12]:  # the first steps; each reference below re-runs the base on the whole context
+        index = order.index(entry["req_id"])
+        prompt, output = setup["prompts"][index], setup["plain"]["token_ids"][index]
+        tokens = prompt + output[: entry["num_tokens"] - len(prompt)]
+        with torch.no_grad():
+            states = base(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states
+        features = torch.stack([states[i][0] for i in EAGLE_FEATURES], dim=1)  # [positions, 3, H]
+        reference = ChainDrafter(NUM_HEADS, eagle3=draft, lookup=False).step([ChainRequest("r", tokens, 0, features=features)])
+        assert entry["chain"] == reference[0], entry
+        checked += 1
+    assert checked == 12

@@ -42,3 +42,21 @@ def check_vllm_version() -> str:
         raise ImportError(f"medusaforge.serving.vllm supports vLLM >={low},<{high}; this environment has vLLM "
                           f"{version}. Install vllm=={low}.* (its custom-proposer and Medusa interfaces change between releases).")
     return version
+
+
+DEFAULT_MAX_BATCH = 4
+
+
+def options_from_env(environ) -> dict:
+    """MedusaforgeProposer's options from the environment (proposer.py's docstring lists them).
+    Pure, so it is tested without vLLM."""
+    lookup = environ.get("MEDUSAFORGE_LOOKUP", "1").strip().lower()
+    if lookup not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(f"MEDUSAFORGE_LOOKUP={lookup!r}: use 1 or 0")
+    max_batch = environ.get("MEDUSAFORGE_MAX_BATCH", str(DEFAULT_MAX_BATCH))
+    try:
+        max_batch = int(max_batch)
+    except ValueError:
+        raise ValueError(f"MEDUSAFORGE_MAX_BATCH={max_batch!r}: need an integer") from None
+    return {"drafter": environ.get("MEDUSAFORGE_DRAFTER") or None, "lookup": lookup in ("1", "true", "yes", "on"),
+            "max_batch": max_batch, "draft_log": environ.get("MEDUSAFORGE_DRAFT_LOG") or None}

@@ -29,7 +29,7 @@ import json
 import os
 from pathlib import Path
 
-from medusaforge.serving.vllm import check_vllm_version
+from medusaforge.serving.vllm import check_vllm_version, options_from_env
 
 check_vllm_version()
 
@@ -38,24 +38,8 @@ from torch import nn  # noqa: E402
 
 from medusaforge.drafters.chain import ChainDrafter, ChainRequest  # noqa: E402
 from medusaforge.drafters.eagle3_proposer import prepare_draft  # noqa: E402
-from medusaforge.interop.eagle3_layout import find_eagle3_folder, import_eagle3  # noqa: E402
+from medusaforge.interop.eagle3_layout import check_capturable, find_eagle3_folder, import_eagle3  # noqa: E402
 from medusaforge.interop.importer import import_heads  # noqa: E402
-
-DEFAULT_MAX_BATCH = 4
-
-
-def options_from_env(environ) -> dict:
-    """The proposer's options from the environment (see the module docstring)."""
-    lookup = environ.get("MEDUSAFORGE_LOOKUP", "1").strip().lower()
-    if lookup not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
-        raise ValueError(f"MEDUSAFORGE_LOOKUP={lookup!r}: use 1 or 0")
-    max_batch = environ.get("MEDUSAFORGE_MAX_BATCH", str(DEFAULT_MAX_BATCH))
-    try:
-        max_batch = int(max_batch)
-    except ValueError:
-        raise ValueError(f"MEDUSAFORGE_MAX_BATCH={max_batch!r}: need an integer") from None
-    return {"drafter": environ.get("MEDUSAFORGE_DRAFTER") or None, "lookup": lookup in ("1", "true", "yes", "on"),
-            "max_batch": max_batch, "draft_log": environ.get("MEDUSAFORGE_DRAFT_LOG") or None}
 
 
 class _BaseView(nn.Module):
@@ -123,8 +107,7 @@ class MedusaforgeProposer:
         weight = target_model.model.embed_tokens.weight[: self.hf_config.vocab_size]
         embed = nn.Embedding.from_pretrained(weight, freeze=True)
         draft = import_eagle3(folder, embed, base_num_layers=self.hf_config.num_hidden_layers)
-        if max(draft.feature_layers) >= self.hf_config.num_hidden_layers + 1:
-            raise ValueError(f"{folder}: feature layer {max(draft.feature_layers)} is the post-norm output, which vLLM cannot capture")
+        check_capturable(draft.feature_layers, self.hf_config.num_hidden_layers)
         return prepare_draft(draft, _BaseView(embed).to(dtype=self.dtype))
 
     def _capture(self, module, args, kwargs, output):
