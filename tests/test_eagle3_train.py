@@ -114,6 +114,7 @@ def test_train_end_to_end_loss_goes_down_and_every_parameter_moves(setup, tmp_pa
     assert len(held_out["top1"]) == 3 and held_out["num_tokens"][0] > 0
     assert last == {"step": 16, "held_out_top1": held_out["top1"], "held_out_loss": held_out["loss"]}
     assert summary["trainable_parameters"] > 0 and summary["feature_layers"] == [0, 1, 2]
+    assert summary["peak_rss_bytes"] > 10 * 2**20 and summary["steps"] == summary["planned_steps"] == 16
     model = tiny_llama(len(tiny_tokenizer()))
     trained = load_draft(out / "draft", model.get_input_embeddings())
     assert trained.config.draft_vocab_size == 128 and int(trained.t2d.sum()) == 128
@@ -129,9 +130,10 @@ def test_train_end_to_end_loss_goes_down_and_every_parameter_moves(setup, tmp_pa
     assert initial_run["steps"] == 1
 
 
-def test_resume_after_an_interruption_is_bitwise_the_uninterrupted_run(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batching", [{}, {"batch_tokens": 128}], ids=["conversations", "tokens"])
+def test_resume_after_an_interruption_is_bitwise_the_uninterrupted_run(setup, tmp_path, monkeypatch, batching):
     monkeypatch.setenv("MEDUSAFORGE_CACHE", str(setup[2] / "cache"))
-    recipe.train(config_for(setup, tmp_path / "straight", save_every=2))
+    recipe.train(config_for(setup, tmp_path / "straight", save_every=2, **batching))
 
     calls = {"n": 0}
     real_losses = recipe.eagle3_losses
@@ -144,9 +146,9 @@ def test_resume_after_an_interruption_is_bitwise_the_uninterrupted_run(setup, tm
 
     monkeypatch.setattr(recipe, "eagle3_losses", dies_in_step_five)
     with pytest.raises(KeyboardInterrupt):
-        recipe.train(config_for(setup, tmp_path / "broken", save_every=2))
+        recipe.train(config_for(setup, tmp_path / "broken", save_every=2, **batching))
     monkeypatch.setattr(recipe, "eagle3_losses", real_losses)
-    recipe.train(config_for(setup, tmp_path / "broken", save_every=2, resume="auto"))
+    recipe.train(config_for(setup, tmp_path / "broken", save_every=2, resume="auto", **batching))
 
     def curve(out):
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -73,3 +73,28 @@ def test_split_and_schedule_are_seeded_and_disjoint():
     batches = batch_schedule(train, 4, num_batches=9, seed=0)
     assert sorted(sum(batches[:4], [])) == train  # the first epoch visits every training example once
     assert batches == batch_schedule(train, 4, num_batches=9, seed=0)
+
+
+def test_token_batches_time_budget_and_soft_targets_end_to_end(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
+    data = learnable_data(tmp_path / "data.jsonl", num_conversations=24)
+    base_argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--num-heads", "2", "--head-vocab", "40",
+                 "--batch-tokens", "128", "--max-length", "64", "--lr", "3e-3", "--eval-fraction", "0.2",
+                 "--progress", "false", "--dtype", "fp32"]
+    out = tmp_path / "soft"
+    assert main(base_argv + ["--out", str(out), "--epochs", "2", "--soft-targets", "0.5"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert summary["batch_tokens"] == 128 and summary["soft_targets"] == 0.5
+    assert summary["steps"] == summary["planned_steps"] == len(metrics) > 2
+    assert summary["peak_rss_bytes"] > 10 * 2**20
+    assert all(len(m["head_soft_loss"]) == 2 and 0.0 <= m["head_outside"][0] < 1.0 for m in metrics)
+    held_out = summary["held_out"]
+    assert len(held_out["outside"]) == 2 and all(0.0 <= share < 1.0 for share in held_out["outside"])
+    # A budget of 0.6 s: the first step (model warm-up included) uses it, so the run stops there,
+    # with its LR decay fitted to that one step, and says how many it had planned.
+    budgeted = tmp_path / "budgeted"
+    assert main(base_argv + ["--out", str(budgeted), "--epochs", "500", "--max-minutes", "0.01"]) == 0
+    summary = json.loads((budgeted / "summary.json").read_text())
+    assert summary["steps"] < summary["planned_steps"] and summary["planned_steps"] >= 500
+    assert len((budgeted / "metrics.jsonl").read_text().splitlines()) == summary["steps"]
