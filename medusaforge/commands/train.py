@@ -75,9 +75,14 @@ def print_plan(name: str, config, options: PlanOptions) -> None:
           f"tokens, counted at full length (GiB per rank below)")
     for line in format_rows(rows, options.device_memory_gib):
         print("  " + line)
+    print("  columns: base-w = frozen base weights; train-w, grads, adamw, comm = the trainable part (comm: DDP buckets or "
+          "FSDP gathers); bf16cp = autocast copies; base-fw = base forward or cache read; act = heads/draft activations")
     print("  layouts: single = one process; ddp = heads/draft replicated (what train runs under torchrun); "
           "+fsdp-base = the frozen base's layers sharded (--fsdp-base); fsdp = the trainable part fully sharded "
           "(an estimate: train does not shard the trainable part yet)")
+    if any(row.total > options.device_memory_gib * 2**30 for row in rows):
+        print("  a row that does not fit: lower --batch-size and raise --grad-accum by the same factor (the same "
+              "optimizer step), shorten --max-length, or shard the base (--fsdp-base)")
     runtime = rows[0].runtime if rows else 0
     print(f"  total includes {gib(runtime)} GiB of runtime (CUDA context and allocator slack on GPU; on CPU the "
           "process's own baseline is not counted)")

@@ -234,8 +234,10 @@ def gib(value: int) -> str:
 
 def format_rows(rows: list[PlanRow], device_memory_gib: float) -> list[str]:
     """One table line per row, in GiB, with whether it fits `device_memory_gib`."""
-    header = (f"{'gpus':>4}  {'layout':<15} {'base':>7} {'weights':>7} {'grads':>7} {'adamw':>7} {'comm':>6} "
-              f"{'bf16cp':>6} {'base-fw':>7} {'targets':>7} {'drafter':>7} {'total':>7}  fits {device_memory_gib:g} GiB")
+    # base-w: frozen base weights; train-w/grads/adamw/comm: the trainable part; bf16cp: autocast copies;
+    # base-fw: base forward (or cache read); targets: EAGLE-3 target logits; act: heads/draft activations.
+    header = (f"{'gpus':>4}  {'layout':<15} {'base-w':>7} {'train-w':>7} {'grads':>7} {'adamw':>7} {'comm':>6} "
+              f"{'bf16cp':>6} {'base-fw':>7} {'targets':>7} {'act':>7} {'total':>7}  fits {device_memory_gib:g} GiB")
     lines = [header]
     for row in rows:
         t, a = row.trainable, row.activations
