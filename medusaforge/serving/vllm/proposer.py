@@ -126,6 +126,11 @@ class MedusaforgeProposer:
         num_reqs = len(sampled_token_ids)
         req_ids = runner.input_batch.req_ids[:num_reqs]
         self.chains.retain(runner.requests)  # finished requests' states go
+        max_batch = self.chains.max_batch
+        if max_batch is not None and not self.chains.feature_layers and sum(map(bool, sampled_token_ids)) > max_batch:
+            # A large batch drafts nothing (ChainDrafter.step would say so too). Only an EAGLE-3 cache
+            # must see every step; a lookup index catches up from the full text when drafting resumes.
+            return [[] for _ in range(num_reqs)]
         query_start = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
         positions, hidden, aux = self.captured if self.captured is not None else (None, None, None)
         requests, rows = [], []

@@ -33,14 +33,17 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader 
 from vllm.model_executor.models.medusa import Medusa, ResidualBlock  # noqa: E402
 from vllm.model_executor.models.utils import maybe_prefix  # noqa: E402
 
-# The key interop/layouts.py writes our provenance under in the engine's config.json.
-PROVENANCE_KEY = "medusaforge"
+from medusaforge.interop.full_vocab import SHADOW  # noqa: E402
+from medusaforge.interop.layouts import PROVENANCE_KEY  # noqa: E402
 
 
 def trained_head_vocab(config) -> int | None:
-    """head_vocab_size when the folder holds our heads trained on a truncated vocabulary, else None."""
+    """head_vocab_size when the folder holds our heads trained on a truncated vocabulary and widened
+    with shadow rows (the vLLM layout's fill, which never changes the argmax), else None. The
+    original-Medusa layout's zero rows can win when every trained logit is negative, so truncating
+    would change its drafts: that layout keeps vLLM's class."""
     provenance = getattr(config, PROVENANCE_KEY, None)
-    if not isinstance(provenance, dict):
+    if not isinstance(provenance, dict) or provenance.get("widened_vocab_fill") not in (SHADOW, None):
         return None
     head_vocab = provenance.get("head_vocab_size")
     if not isinstance(head_vocab, int) or not 0 < head_vocab < config.vocab_size:
