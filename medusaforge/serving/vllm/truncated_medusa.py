@@ -11,9 +11,9 @@ keeps only the trained rows: when config.json carries our provenance with
 `head_vocab_size < vocab_size` and a `token_map` is stored, each head projects to `head_vocab_size`
 rows (checkpoint rows `lm_heads.{k}.weight[token_map]`, bit for bit the trained ones; a checkpoint
 that already holds `head_vocab_size` rows is read as is), and the argmax is mapped back through
-`token_map`. The shadow rows of the widened layout never win the argmax (interop/full_vocab.py), so
-the drafted tokens are the widened model's, at the truncated cost. Any other Medusa folder gets
-vLLM's own class unchanged.
+`token_map`. The drafted tokens are the trained heads' own, at the truncated cost; the widened
+rows agree with them except in full_vocab.py's one corner (ids below the first in-map id, when every
+trained logit is negative). Any other Medusa folder gets vLLM's own class unchanged.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from medusaforge.interop.layouts import PROVENANCE_KEY  # noqa: E402
 
 def trained_head_vocab(config) -> int | None:
     """head_vocab_size when the folder holds our heads trained on a truncated vocabulary and widened
-    with shadow rows (the vLLM layout's fill, which never changes the argmax), else None. The
-    original-Medusa layout's zero rows can win when every trained logit is negative, so truncating
-    would change its drafts: that layout keeps vLLM's class."""
+    with shadow rows (the vLLM layout's fill, made to keep the argmax), else None. The original
+    Medusa layout's zero rows win whenever every trained logit is negative, and its readers take
+    top-k for trees: that layout keeps vLLM's class."""
     provenance = getattr(config, PROVENANCE_KEY, None)
     if not isinstance(provenance, dict) or provenance.get("widened_vocab_fill") not in (SHADOW, None):
         return None
