@@ -12,6 +12,10 @@ runs it natively, else fp32: the built-in distill's `auto`). The endpoint's time
 server's start-up (reported apart: a server is started once for many runs); the built-in's
 includes loading the model (seconds for SmolLM2). Tokens are counted the same way for both: the
 written replies re-tokenized with the model's tokenizer.
+
+Where two greedy replies part, the base model (fp32, in this process) scores the two tokens chosen
+at the first difference: a small logit margin is a near-tie that two engines' rounding may break
+either way; a large one is a real disagreement (other weights, template or sampling settings).
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vllm_server import vllm_server  # noqa: E402
 
 from medusaforge.commands import distill  # noqa: E402
 from medusaforge.data.distilled import done_keys, read_distilled  # noqa: E402
-from medusaforge.models import load_tokenizer, resolve_device, resolve_dtype, resolve_model_path  # noqa: E402
+from medusaforge.data.distilled import prompt_of  # noqa: E402
+from medusaforge.models import load_base_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path  # noqa: E402
 
 MODES = ("vllm", "builtin")
 
@@ -79,14 +86,35 @@ def measure(args, mode: str, url: str = "") -> dict:
             "finished": sum(r["finished"] for r in records)}
 
 
-def same_replies(first: Path, second: Path) -> tuple[int, int]:
-    """(prompts both files answer, of those with the same reply)."""
-    replies = []
-    for path in (first, second):
-        records = read_distilled(path)
-        replies.append(dict(zip(done_keys(records), (r["conversations"][-1]["value"] for r in records))))
-    common = replies[0].keys() & replies[1].keys()
-    return len(common), sum(replies[0][key] == replies[1][key] for key in common)
+def first_difference(a: list[int], b: list[int], eos: int) -> tuple[int, int, int]:
+    """Two token lists -> (position, a's token, b's token) where they first part; a list that ends
+    first chose end-of-turn there."""
+    position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return position, (a + [eos])[position], (b + [eos])[position]
+
+
+def partings(model: str, first: list[dict], second: list[dict]) -> tuple[int, int, list[dict]]:
+    """Two distill files' records -> (prompts both answer, same replies, one entry per parting: the
+    prompt, the token position, both tokens and the base's fp32 logit margin between them there)."""
+    replies = [dict(zip(done_keys(records), records)) for records in (first, second)]
+    common = [key for key in replies[0] if key in replies[1]]
+    parted = [key for key in common if replies[0][key]["conversations"][-1] != replies[1][key]["conversations"][-1]]
+    if not parted:
+        return len(common), len(common), []
+    tokenizer = load_tokenizer(model)
+    base = load_base_model(model, dtype=torch.float32, device=torch.device("cpu"), check=False)
+    found = []
+    for key in parted:
+        prompt = prompt_of(replies[0][key])
+        a, b = (tokenizer(r[key]["conversations"][-1]["value"], add_special_tokens=False)["input_ids"] for r in replies)
+        position, token_a, token_b = first_difference(a, b, tokenizer.eos_token_id)
+        rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        context = tokenizer(rendered, add_special_tokens=False)["input_ids"] + a[:position]
+        with torch.no_grad():
+            logits = base(torch.tensor([context])).logits[0, -1].float()
+        found.append({"prompt": prompt[-1]["content"][:80], "position": position, "first": tokenizer.decode([token_a]),
+                      "second": tokenizer.decode([token_b]), "first_id": token_a, "second_id": token_b, "logit_margin": abs(float(logits[token_a] - logits[token_b]))})
+    return len(common), len(common) - len(parted), found
 
 
 def table(reports: list[dict]) -> str:
@@ -119,11 +147,14 @@ def main(argv=None) -> int:
                "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency, "batch_size": args.batch_size,
                "reports": reports}
     if len(reports) == 2:
-        summary["both_answered"], summary["same_reply"] = same_replies(Path(reports[0]["out"]), Path(reports[1]["out"]))
+        records = [read_distilled(Path(report["out"])) for report in reports]
+        summary["both_answered"], summary["same_reply"], summary["partings"] = partings(args.model, *records)
     (args.out_dir / "report.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(table(reports))
     if "same_reply" in summary:
-        print(f"same reply on {summary['same_reply']} of the {summary['both_answered']} prompts both answered")
+        margins = sorted(p["logit_margin"] for p in summary["partings"])
+        print(f"same reply on {summary['same_reply']} of the {summary['both_answered']} prompts both answered; "
+              f"logit margins where they part: {', '.join(f'{m:.3f}' for m in margins) or 'none'}")
     print(f"report: {args.out_dir / 'report.json'}")
     return 0
 

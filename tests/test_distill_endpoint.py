@@ -264,12 +264,24 @@ def test_a_resumed_file_must_keep_the_settings_that_wrote_it(tmp_path, capsys):
     assert len(user_turns(out)) == 6
 
 
-def test_the_measurement_script_runs_both_modes_on_the_same_prompts(tmp_path, capsys):
+def load_measurement():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("distill_endpoint", REPO / "benchmarks" / "distill_endpoint.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_first_difference():
+    first_difference = load_measurement().first_difference
+    assert first_difference([5, 6, 7], [5, 6, 8], eos=2) == (2, 7, 8)
+    assert first_difference([5, 6], [5, 6, 9], eos=2) == (2, 2, 9)  # the shorter one ended: end-of-turn there
+    assert first_difference([], [4], eos=2) == (0, 2, 4)
+
+
+def test_the_measurement_script_runs_both_modes_on_the_same_prompts(tmp_path, capsys):
+    script = load_measurement()
     model, prompts = save_tiny_model(tmp_path / "model"), prompts_file(tmp_path, 4)
     with fake_server(models=[{"id": str(model), "root": str(model)}]) as server:
         assert script.main(["--endpoint", server.url, "--model", str(model), "--prompts", str(prompts), "--num-prompts", "0",
@@ -278,5 +290,18 @@ def test_the_measurement_script_runs_both_modes_on_the_same_prompts(tmp_path, ca
     served, builtin = report["reports"]
     assert (served["mode"], served["replies"], builtin["mode"]) == ("vllm", 4, "builtin")
     assert served["reply_tokens"] > 0 and served["tokens_per_second"] == served["reply_tokens"] / served["seconds"]
-    assert report["both_answered"] == builtin["replies"] and report["same_reply"] == 0  # echo is not the tiny model
+    # The echo server is not the tiny model: every reply both wrote parts, each at a scored token.
+    assert report["both_answered"] == builtin["replies"] == len(report["partings"]) and report["same_reply"] == 0
+    assert all(p["position"] == 0 and p["logit_margin"] >= 0 and p["first"] != p["second"] for p in report["partings"])
     assert "| vllm | 4 |" in capsys.readouterr().out
+    # The margin is the base's logit gap between the two tokens after the prompt (they part at token 0).
+    from medusaforge.models import load_base_model, load_tokenizer
+
+    tokenizer, base = load_tokenizer(model), load_base_model(model, check=False)
+    parting = report["partings"][0]
+    prompt = next(json.loads(line)["messages"] for line in prompts.read_text().splitlines()
+                  if json.loads(line)["messages"][-1]["content"] == parting["prompt"])
+    context = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    logits = base(context).logits[0, -1].detach()
+    expected = abs(float(logits[parting["first_id"]] - logits[parting["second_id"]]))
+    assert parting["logit_margin"] == pytest.approx(expected, rel=1e-5)

