@@ -202,47 +202,68 @@ def append_record(handle, record: dict) -> None:
     os.fsync(handle.fileno())
 
 
+def _take(reply: Reply | None, prompts: list[list[dict]], tally: Tally, handle, bar) -> None:
+    """Count one answer and write it if it is a reply to keep."""
+    if reply is None:
+        tally.not_started += 1
+    elif reply.finish_reason not in GOOD_FINISH_REASONS:
+        tally.odd_finishes += 1
+        if not tally.first_odd:
+            tally.first_odd = f"prompt {reply.index} ended with finish reason {reply.finish_reason!r}: {reply.text[:80]!r}"
+            bar.write(f"distill: {tally.first_odd}; not written (counted, reported at the end)", file=sys.stderr)
+    elif not reply.text:
+        tally.empty += 1  # the built-in distill writes no empty reply either
+    else:
+        finished = reply.finish_reason == "stop"
+        append_record(handle, distilled_record(prompts[reply.index], reply.text, finished))
+        tally.written += 1
+        tally.finished += finished
+        tally.tokens += reply.completion_tokens
+
+
 async def _ask_all(prompts: list[list[dict]], todo: list[int], settings: EndpointSettings, model: str, handle,
                    progress: bool, max_seconds: float) -> Tally:
+    """`concurrency` workers take prompts in order and queue their answers (or their error); this
+    coroutine alone writes. After an error the answers already queued are still written."""
     tally, started = Tally(), perf_counter()
     limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
-    gate = asyncio.Semaphore(settings.concurrency)
+    answers: asyncio.Queue = asyncio.Queue()
+    pending = iter(todo)  # shared by the workers: one event loop thread, so each index is taken once
     bar = tqdm(total=len(todo), disable=not progress, desc="distill", unit="reply")
 
-    async def ask(client, index):
-        async with gate:
+    async def worker(client):
+        for index in pending:
             # Start no request past the time limit; those in flight finish.
             if max_seconds and perf_counter() - started > max_seconds:
-                return None
-            return await request_reply(client, settings, model, index, prompts[index])
+                await answers.put(None)
+                continue
+            try:
+                await answers.put(await request_reply(client, settings, model, index, prompts[index]))
+            except EndpointError as error:
+                await answers.put(error)
+                return
 
     async with httpx.AsyncClient(base_url=settings.url + "/", timeout=settings.timeout, limits=limits, headers=_headers()) as client:
-        tasks = [asyncio.create_task(ask(client, index)) for index in todo]
+        workers = [asyncio.create_task(worker(client)) for _ in range(min(settings.concurrency, len(todo)))]
         try:
-            for next_reply in asyncio.as_completed(tasks):
-                reply = await next_reply
-                if reply is None:
-                    tally.not_started += 1
-                elif reply.finish_reason not in GOOD_FINISH_REASONS:
-                    tally.odd_finishes += 1
-                    if not tally.first_odd:
-                        tally.first_odd = f"prompt {reply.index} ended with finish reason {reply.finish_reason!r}: {reply.text[:80]!r}"
-                        bar.write(f"distill: {tally.first_odd}; not written (counted, reported at the end)", file=sys.stderr)
-                elif not reply.text:
-                    tally.empty += 1  # the built-in distill writes no empty reply either
-                else:
-                    finished = reply.finish_reason == "stop"
-                    append_record(handle, distilled_record(prompts[reply.index], reply.text, finished))
-                    tally.written += 1
-                    tally.finished += finished
-                    tally.tokens += reply.completion_tokens
+            for _ in todo:
+                answer = await answers.get()
+                if isinstance(answer, EndpointError):
+                    for worker_task in workers:
+                        worker_task.cancel()
+                    while not answers.empty():  # replies that arrived before the error are kept
+                        queued = answers.get_nowait()
+                        if not isinstance(queued, EndpointError):
+                            _take(queued, prompts, tally, handle, bar)
+                    raise answer
+                _take(answer, prompts, tally, handle, bar)
                 bar.update(1)
                 elapsed = perf_counter() - started
                 bar.set_postfix_str(f"{tally.written / elapsed:.2f} replies/s, {tally.tokens / elapsed:.0f} tok/s", refresh=False)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for worker_task in workers:
+                worker_task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             bar.close()
             tally.seconds = perf_counter() - started
     return tally
