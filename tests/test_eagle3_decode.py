@@ -325,7 +325,8 @@ def test_tree_search_chooses_an_eagle_tree_that_generate_and_eval_read(tmp_path,
           "--max-new-tokens", "8", "--dtype", "fp32", "--warmup-tokens", "2", "--json", str(tmp_path / "eval.json"),
           "--tree", str(out)])
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert result["tree"] == saved["eagle"] and result["identical"] is True and result["num_identical"] == 2
+    assert result["tree"] == saved["eagle"]
+    assert result["identical"] is True and result["num_identical"] == 2
     assert result["plain_steps"] == 0 and result["mean_draft_nodes"] >= 1
     # A forced choice reads back as a DynamicTree.
     (tmp_path / "forced.json").write_text(json.dumps({"eagle": {"topk": 2, "depth": 3, "num_nodes": 4}}))
