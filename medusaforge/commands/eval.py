@@ -4,9 +4,9 @@ against transformers' prompt-lookup decoding.
 For every prompt the base model's own `generate(do_sample=False)`, its prompt-lookup decoding and
 our decoder run back to back in the same process, dtype and thread setting, after a warm-up of
 each. Our output must equal greedy's token for token. An output that parts from greedy's is judged
-at the first differing token (decoding/identity.py): a near-tie, where the base's logits for the two
-tokens lie within the dtype's rounding bound (tree and one-token passes round differently in bf16),
-or otherwise a bug, which makes `eval` exit non-zero after writing its report.
+at the first differing token (decoding/identity.py): a near-tie, where the drafted token's logit lies
+within the dtype's rounding bound of the top logit (tree and one-token passes round differently in
+bf16), or otherwise a bug, which makes `eval` exit non-zero after writing its report.
 """
 
 from __future__ import annotations
