@@ -228,6 +228,7 @@ def test_a_failing_request_is_a_clear_error_and_earlier_replies_survive(tmp_path
         assert distill(server.url, prompts, out, "--retries", "1") == 1
     error = capsys.readouterr().err
     assert "(prompt 3)" in error and message in error
+    assert f"The 3 replies in {out} are kept; rerunning the same command asks only for the rest" in error
     asked_for_3 = sum(b["messages"][-1]["content"] == "question number 3" for b in server.requests)
     assert asked_for_3 == (2 if failure[0] == 500 else 1)  # only a server error is retried
     assert user_turns(out) == [f"question number {i}" for i in range(3)]  # concurrency 1: prompts 0-2 came first

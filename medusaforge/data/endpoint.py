@@ -305,7 +305,11 @@ def distill_through_endpoint(prompts: list[list[dict]], out: Path, settings: End
         print(f"distill: resuming {out}: {sum(key in done for key in keys)} of {len(prompts)} prompts already there", file=sys.stderr)
     atomic_write_text(_settings_path(out), json.dumps(recorded, indent=2) + "\n")
     todo = [index for index, key in enumerate(keys) if key not in done]
-    with open(out, "a", encoding="utf-8") as handle:
-        tally = asyncio.run(_ask_all(prompts, todo, settings, card["id"], handle, progress, max_seconds))
+    try:
+        with open(out, "a", encoding="utf-8") as handle:
+            tally = asyncio.run(_ask_all(prompts, todo, settings, card["id"], handle, progress, max_seconds))
+    except EndpointError as error:
+        kept = len(read_distilled(out))
+        raise EndpointError(f"{error}\nThe {kept} replies in {out} are kept; rerunning the same command asks only for the rest") from None
     sort_into_prompt_order(out, keys)
     return tally
