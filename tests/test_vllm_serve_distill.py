@@ -5,7 +5,8 @@ benchmarks/distill_endpoint.partings, which the 200-prompt measurement reports t
 
 The server (benchmarks/vllm_server.py: what `vllm serve` runs, started through its module) runs in
 its own process group and is stopped afterwards, whatever happens. Skipped without .venv-vllm (CI);
-slow: starting the server imports vLLM and loads the model (a minute or two on 2 busy cores).
+slow: about 5 minutes on 2 busy cores, mostly converting SmolLM2 into the session's test cache
+and vLLM's start-up (the endpoint's 3 replies took 3 s).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def vllm_server(smollm2, tmp_path):
     """vLLM's server on a free port (benchmarks/vllm_server.py); yields its API base and stops the
     whole process group afterwards, whatever happens."""
     try:
-        with measurement.vllm_server(smollm2, tmp_path / "vllm.log", dtype="float32", start_timeout=240) as url:
+        with measurement.vllm_server(smollm2, tmp_path / "vllm.log", dtype="float32", start_timeout=300) as url:
             yield url
     except RuntimeError as error:
         pytest.fail(str(error))
