@@ -313,7 +313,8 @@ def print_results(args, settings, modes, prompt_sets, by_round, sweeps, num_swee
         report = by_round[0].get(mode, {})
         if not report.get("loaded"):
             print(f"- {LABELS.get(mode, mode)}: not run: {report.get('error', '?')}")
-    print(f"\nserve_check.py wall time: {seconds / 60:.1f} min ({seconds:.0f} s)")
+    print(f"\nLoad average at the end: {[round(x, 2) for x in os.getloadavg()]} (1, 5, 15 min). "
+          f"serve_check.py wall time: {seconds / 60:.1f} min ({seconds:.0f} s)")
 
 
 def vllm_version() -> str:
@@ -363,6 +364,9 @@ def parse_args(argv=None):
     parser.add_argument("--sweep", help=argparse.SUPPRESS)
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.modes) - set(MODES))
+    if unknown:
+        parser.error(f"--modes: unknown {', '.join(unknown)} (known: {', '.join(MODES)})")
     args.passthrough = list(argv if argv is not None else sys.argv[1:])
     if "--out" in args.passthrough:
         i = args.passthrough.index("--out")

@@ -107,6 +107,18 @@ def pooled_acceptance(runs: list[dict]) -> dict:
     return acceptance({}, total)
 
 
+def per_position_cell(rates: list[float]) -> str:
+    """'0.62, 0.41, 0.38'; trailing positions that never accepted are folded ('; 0 at 4-24'), as
+    suffix decoding may draft up to 24 tokens."""
+    if not rates:
+        return "-"
+    last = max((i for i, rate in enumerate(rates) if rate > 0), default=0)
+    cell = ", ".join(f"{rate:.2f}" for rate in rates[: last + 1])
+    if last + 1 < len(rates):
+        cell += f"; 0 at {last + 2}-{len(rates)}" if last + 2 < len(rates) else f"; 0 at {len(rates)}"
+    return cell
+
+
 def k_label(mode: str, k) -> str:
     if mode == "plain":
         return "-"
@@ -142,7 +154,7 @@ def table(by_round: list[dict[str, dict]], modes: list[str], prompt_sets: list[s
                 one_acc, batched_acc = pooled_acceptance(one), pooled_acceptance(batched)
                 lengths = [a["accept_length"] for a in (one_acc, batched_acc)]
                 cells.append(" / ".join(f"{x:.2f}" if x else "-" for x in lengths))
-                cells.append(", ".join(f"{a:.2f}" for a in one_acc["acceptance_per_position"]) or "-")
+                cells.append(per_position_cell(one_acc["acceptance_per_position"]))
             for name, runs in (("one_at_a_time", one), ("batched", batched)):
                 cells.append(f"{statistics.median(r['tokens_per_second'] for r in runs):.1f}")
                 if mode == "plain" or not have_plain:

@@ -137,3 +137,11 @@ def test_bf16_is_chosen_only_with_native_bf16():
     assert serve_check.default_dtype(["avx512f", "avx512_bf16"]) == "bfloat16"
     assert serve_check.default_dtype(["amx_bf16", "amx_tile"]) == "bfloat16"
     assert serve_check.default_dtype(["avx512f"]) == "float32"
+
+
+def test_positions_that_never_accept_are_folded():
+    assert report_lib.per_position_cell([0.5, 0.25, 0.0, 0.0]) == "0.50, 0.25; 0 at 3-4"
+    assert report_lib.per_position_cell([0.5, 0.0]) == "0.50; 0 at 2"
+    assert report_lib.per_position_cell([0.0, 0.0, 0.0]) == "0.00; 0 at 2-3"
+    assert report_lib.per_position_cell([0.5, 0.1]) == "0.50, 0.10"
+    assert report_lib.per_position_cell([]) == "-"
