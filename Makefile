@@ -41,7 +41,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # An EAGLE-3 draft on the demo's self-distilled replies (run `make demo` first), trained offline from
-# the features the demo's cache step stored, for an 11-minute budget (as many epochs as fit); per-step
+# the features the demo's cache step stored, for a 10-minute budget (as many epochs as fit); per-step
 # held-out top-1 and peak RSS land in runs/eagle3-demo/summary.json. The cache line is a no-op when
 # the demo stored the EAGLE-3 features; for a demo made before it did, it adds them (one base pass).
 # Then the same side-by-side timing as the demo's heads, on the same 3 MT-Bench prompts.
