@@ -133,6 +133,8 @@ class MedusaforgeProposer:
             return [[] for _ in range(num_reqs)]
         query_start = runner.query_start_loc.cpu[: num_reqs + 1].tolist()
         positions, hidden, aux = self.captured if self.captured is not None else (None, None, None)
+        if positions is not None:
+            positions = positions[: query_start[-1]].tolist()  # one device sync per step, not one per request
         requests, rows = [], []
         for i, sampled in enumerate(sampled_token_ids):
             if not sampled:  # a prefill chunk that is not the last one, or a discarded request
@@ -141,7 +143,7 @@ class MedusaforgeProposer:
             tokens = token_ids_cpu[i, :total].tolist()
             if positions is not None:
                 first = query_start[i]
-                start = int(positions[first])
+                start = positions[first]
                 run = slice(first, first + total - 1 - start)  # the accepted positions of this step
                 request = ChainRequest(req_ids[i], tokens, start, hidden=hidden[run] if self.chains.needs_hidden else None,
                                        features=self._features(aux, run))
