@@ -54,6 +54,8 @@ class _BaseView(nn.Module):
 
 
 class MedusaforgeProposer:
+    """vLLM's custom-class proposer drafting our chains (see the module docstring)."""
+
     def __init__(self, vllm_config) -> None:
         self.num_tokens = vllm_config.speculative_config.num_speculative_tokens
         self.hf_config = vllm_config.model_config.hf_config.get_text_config()
@@ -176,9 +178,11 @@ class MedusaforgeProposer:
 def _find_runner(proposer):
     """The model runner that holds `proposer` as its drafter: the caller of load_model (vLLM 0.32's
     CPU and GPU runners call self.drafter.load_model(self.model) from their own load_model)."""
-    for frame_info in inspect.stack()[1:]:
-        candidate = frame_info.frame.f_locals.get("self")
+    frame = inspect.currentframe()
+    while frame is not None:  # f_back only: inspect.stack() would read every frame's source file
+        candidate = frame.f_locals.get("self")
         if getattr(candidate, "drafter", None) is proposer:
             return candidate
+        frame = frame.f_back
     raise RuntimeError("MedusaforgeProposer.load_model was not called by a vLLM model runner holding it as its "
                        "drafter; this vLLM version is not supported (see medusaforge.serving.vllm.SUPPORTED_VLLM)")
