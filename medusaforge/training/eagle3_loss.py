@@ -35,7 +35,8 @@ def step_positions(loss_mask: torch.Tensor, step: int) -> torch.Tensor:
 
 
 def soft_cross_entropy(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """[N]: -sum_v softmax(target)_v * log_softmax(draft)_v, both over the draft vocabulary, in fp32."""
+    """[N]: -sum_v softmax(target)_v * log_softmax(draft)_v, both over the draft vocabulary, in fp32
+    (the plain form, kept as the reference for tests; training goes through the chunked loss)."""
     target = torch.softmax(target_logits.float(), dim=-1)
     return -(target * torch.log_softmax(draft_logits.float(), dim=-1)).sum(-1)
 
