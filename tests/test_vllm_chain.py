@@ -157,10 +157,13 @@ def test_eagle3_chain_follows_the_greedy_draft_across_steps():
 def test_supported_vllm_versions_and_the_proposers_options():
     assert supported("0.32.0") and supported("0.32.3+cpu")
     assert not supported("0.33.0") and not supported("0.31.2") and not supported("dev") and not supported("1.0")
-    assert options_from_env({}) == {"drafter": None, "lookup": True, "max_batch": 4, "draft_log": None}
-    options = options_from_env({"MEDUSAFORGE_DRAFTER": "runs/demo/heads", "MEDUSAFORGE_LOOKUP": "0", "MEDUSAFORGE_MAX_BATCH": "16"})
-    assert options == {"drafter": "runs/demo/heads", "lookup": False, "max_batch": 16, "draft_log": None}
+    assert options_from_env({}) == {"drafter": None, "lookup": True, "max_batch": 4, "lookup_min_ngram": 2, "draft_log": None}
+    options = options_from_env({"MEDUSAFORGE_DRAFTER": "runs/demo/heads", "MEDUSAFORGE_LOOKUP": "0", "MEDUSAFORGE_MAX_BATCH": "16",
+                                "MEDUSAFORGE_LOOKUP_MIN_NGRAM": "3"})
+    assert options == {"drafter": "runs/demo/heads", "lookup": False, "max_batch": 16, "lookup_min_ngram": 3, "draft_log": None}
     with pytest.raises(ValueError, match="MEDUSAFORGE_LOOKUP='maybe'"):
         options_from_env({"MEDUSAFORGE_LOOKUP": "maybe"})
     with pytest.raises(ValueError, match="MEDUSAFORGE_MAX_BATCH='many'"):
         options_from_env({"MEDUSAFORGE_MAX_BATCH": "many"})
+    with pytest.raises(ValueError, match="MEDUSAFORGE_LOOKUP_MIN_NGRAM='0': need at least 1"):
+        options_from_env({"MEDUSAFORGE_LOOKUP_MIN_NGRAM": "0"})

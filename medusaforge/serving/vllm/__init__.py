@@ -45,6 +45,9 @@ def check_vllm_version() -> str:
 
 
 DEFAULT_MAX_BATCH = 4
+# Beside a model drafter, lookup drafts after a match of at least this many tokens (the hybrid's
+# lookup_first_ngram); lookup alone drafts after any match.
+DEFAULT_LOOKUP_MIN_NGRAM = 2
 
 
 def options_from_env(environ) -> dict:
@@ -53,10 +56,15 @@ def options_from_env(environ) -> dict:
     lookup = environ.get("MEDUSAFORGE_LOOKUP", "1").strip().lower()
     if lookup not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
         raise ValueError(f"MEDUSAFORGE_LOOKUP={lookup!r}: use 1 or 0")
-    max_batch = environ.get("MEDUSAFORGE_MAX_BATCH", str(DEFAULT_MAX_BATCH))
-    try:
-        max_batch = int(max_batch)
-    except ValueError:
-        raise ValueError(f"MEDUSAFORGE_MAX_BATCH={max_batch!r}: need an integer") from None
+    numbers = {}
+    for key, name, default in (("max_batch", "MEDUSAFORGE_MAX_BATCH", DEFAULT_MAX_BATCH),
+                               ("lookup_min_ngram", "MEDUSAFORGE_LOOKUP_MIN_NGRAM", DEFAULT_LOOKUP_MIN_NGRAM)):
+        value = environ.get(name, str(default))
+        try:
+            numbers[key] = int(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r}: need an integer") from None
+        if numbers[key] < 1:
+            raise ValueError(f"{name}={value!r}: need at least 1")
     return {"drafter": environ.get("MEDUSAFORGE_DRAFTER") or None, "lookup": lookup in ("1", "true", "yes", "on"),
-            "max_batch": max_batch, "draft_log": environ.get("MEDUSAFORGE_DRAFT_LOG") or None}
+            **numbers, "draft_log": environ.get("MEDUSAFORGE_DRAFT_LOG") or None}

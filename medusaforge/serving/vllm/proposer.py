@@ -9,6 +9,7 @@ proposer's own options, and the environment reaches vLLM's worker processes):
                            EAGLE-3 draft (`train --method eagle3`, or its export); unset: lookup only
     MEDUSAFORGE_LOOKUP     1 (default) / 0: prompt-lookup chains when the context repeats
     MEDUSAFORGE_MAX_BATCH  draft nothing while more requests than this share a step (default 4)
+    MEDUSAFORGE_LOOKUP_MIN_NGRAM  beside a model drafter, lookup after a match this long (default 2)
     MEDUSAFORGE_DRAFT_LOG  a file: one JSON line per drafted request and step (tests, debugging)
 
 The interface, as vllm/v1/spec_decode/custom_class_proposer.py and v1/worker/gpu_model_runner.py
@@ -79,7 +80,7 @@ class MedusaforgeProposer:
             else:
                 heads = self._load_heads(folder, target_model)
         self.chains = ChainDrafter(self.num_tokens, heads=heads, eagle3=eagle3, lookup=self.options["lookup"],
-                                   max_batch=self.options["max_batch"])
+                                   lookup_min_ngram=self.options["lookup_min_ngram"], max_batch=self.options["max_batch"])
         if self.chains.feature_layers:
             layers = tuple(sorted(set(self.chains.feature_layers)))
             # The same switch vLLM's eagle3 method flips (runner._setup_eagle3_aux_hidden_state_outputs):
