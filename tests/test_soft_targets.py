@@ -150,3 +150,37 @@ def test_token_loss_is_over_predictable_targets_and_the_outside_share_is_reporte
     assert held_out["loss"][0] == pytest.approx(expected.item() / 2, rel=1e-5)
     assert held_out["outside"] == [0.5] and held_out["num_tokens"] == [4.0]
     assert held_out["top1"][0] <= 0.5  # targets outside the map are misses
+
+
+def test_a_cached_log_normaliser_gives_the_same_soft_loss():
+    heads, lm_head, hidden, input_ids, loss_mask = heads_and_batch(10)
+    computed = medusa_head_losses(heads, hidden, input_ids, loss_mask, chunk_size=4, soft=SoftTargets(lm_head, 0.5))
+    cached = torch.logsumexp(hidden @ lm_head.T, dim=-1)  # [B, T], as `medusaforge cache` stores it per token
+    given = medusa_head_losses(heads, hidden, input_ids, loss_mask, chunk_size=4, soft=SoftTargets(lm_head, 0.5, cached))
+    for a, b in zip(given.loss_sums, computed.loss_sums):
+        assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    wrong = medusa_head_losses(heads, hidden, input_ids, loss_mask, chunk_size=4, soft=SoftTargets(lm_head, 0.5, cached + 1.0))
+    assert wrong.soft_loss_sums.sum() < 0.5 * computed.soft_loss_sums.sum()  # the cached values are really read
+
+
+def test_the_cache_stores_the_base_argmax_and_log_normaliser(tmp_path, monkeypatch):
+    from helpers import learnable_data, save_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from medusaforge.cli import main
+    from medusaforge.training.hidden_cache import HiddenCache
+    from medusaforge.training.sources import OfflineBatches
+
+    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "mc"))
+    model = save_tiny_model(tmp_path / "tiny")
+    data = learnable_data(tmp_path / "d.jsonl", num_conversations=6)
+    assert main(["cache", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "c"), "--max-length", "64",
+                 "--cache-dtype", "fp32", "--dtype", "fp32", "--device", "cpu"]) == 0
+    cache = HiddenCache(tmp_path / "c")
+    lm_head = AutoModelForCausalLM.from_pretrained(model).lm_head.weight.detach()
+    for i in range(len(cache)):
+        logits = cache.hidden(i) @ lm_head.T
+        assert torch.equal(cache._rows("base_argmax", i).long(), logits.argmax(-1))
+        torch.testing.assert_close(cache._rows("log_normaliser", i), torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+    batch = OfflineBatches(cache).collate([0, 3])
+    assert batch["log_normaliser"].shape == batch["input_ids"].shape

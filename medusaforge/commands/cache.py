@@ -9,7 +9,9 @@ Layout of DIR:
   index.json                  what made the cache (model, weights, tokenizer, data, max_length),
                               and the list of complete shards, in order
   shard-00000.safetensors     hidden [tokens, hidden] (bf16/fp16/fp32), input_ids [tokens] int32,
-                              loss_mask [tokens] uint8, lengths [examples] int64
+                              loss_mask [tokens] uint8, lengths [examples] int64, base_argmax [tokens]
+                              int32 and log_normaliser [tokens] fp32 (the base's full-vocabulary
+                              argmax and logsumexp), and with --eagle3-features, features
 A shard is written under a temporary name and renamed when complete, and only then listed in
 index.json (itself replaced atomically). A killed run leaves at most an unlisted file, which the
 next run overwrites: it resumes after the last listed shard and ends byte-identical to a run
@@ -33,6 +35,7 @@ from safetensors.torch import save_file
 from medusaforge.config import dtype_option, option
 from medusaforge.files import atomic_write_text, commit_file, refuse_non_empty, temporary_path_beside
 from medusaforge.data.conversations import TokenizedData, collate, load_tokenized, tokenizer_fingerprint
+from medusaforge.training.eagle3_features import base_statistics
 from medusaforge.training.hidden_cache import FORMAT_NAME, FORMAT_VERSION, INDEX_FILE
 from medusaforge.drafters.eagle3 import check_feature_layers, default_feature_layers
 from medusaforge.models import (
@@ -107,6 +110,7 @@ def cache_identity(config: CacheConfig, base, tokenizer, hidden_size: int, vocab
         "shard_tokens": max(1, int(config.shard_mb * 2**20) // (values_per_token * CACHE_DTYPES[config.cache_dtype].itemsize)),
         "hidden_size": hidden_size,
         "vocab_size": vocab_size,
+        "base_statistics": ["base_argmax", "log_normaliser"],
     }
     if feature_layers is not None:  # absent from Medusa-only caches, so caches made before still match
         identity["feature_layers"] = list(feature_layers)
@@ -146,7 +150,10 @@ def shard_plan(lengths: list[int], batch_size: int, shard_tokens: int) -> list[t
 def hidden_states_of_examples(base, data: TokenizedData, first: int, end: int, batch_size: int, pad_token_id: int, autocast, storage_dtype,
                               feature_layers=None) -> dict[str, torch.Tensor]:
     """Run the base over examples [first, end) in batches -> one shard's tensors (padding dropped);
-    with `feature_layers`, also "features" [tokens, len(feature_layers) * hidden]."""
+    with `feature_layers`, also "features" [tokens, len(feature_layers) * hidden]. Every shard also
+    holds the base's full-vocabulary argmax and logsumexp per token, computed from the *stored*
+    (rounded) final state, as training reads it: 8 bytes a token that spare offline training a
+    whole-vocabulary lm_head product per epoch (EAGLE-3's targets, the heads' soft targets)."""
     device = next(base.parameters()).device
     hidden_rows, feature_rows = [], []
     for batch_start in range(first, end, batch_size):
@@ -172,6 +179,10 @@ def hidden_states_of_examples(base, data: TokenizedData, first: int, end: int, b
     }
     if feature_rows:
         tensors["features"] = torch.cat(feature_rows).contiguous()
+    with autocast:
+        argmax, log_normaliser = base_statistics(tensors["hidden"].to(device).float(), lm_head_of(base).weight)
+    tensors["base_argmax"] = argmax.to(torch.int32).cpu()
+    tensors["log_normaliser"] = log_normaliser.float().cpu()
     return tensors
 
 

@@ -6,7 +6,9 @@ Layout of the folder:
   shard-00000.safetensors     hidden [tokens, hidden] (bf16/fp16/fp32), input_ids [tokens] int32,
                               loss_mask [tokens] uint8, lengths [examples] int64, and with
                               `cache --eagle3-features` also features [tokens, 3 * hidden]: the HF
-                              hidden_states at identity["feature_layers"], concatenated (EAGLE-3's input)
+                              hidden_states at identity["feature_layers"], concatenated (EAGLE-3's input);
+                              base_argmax [tokens] int32 and log_normaliser [tokens] fp32: the base's
+                              full-vocabulary argmax and logsumexp at each token (from the stored state)
 
 Reading: `HiddenCache(dir)`; `.data` (TokenizedData: ids, masks, lengths), `.hidden(i)` [T, H] final
 post-norm states of example i, `.features(i)` [T, 3H], `.feature_layers` (tuple or None).
@@ -70,6 +72,7 @@ class HiddenCache:
             self.handles.append(handle)
         # The token data in the same form as the online path's, so splits and batches are shared.
         self.data = TokenizedData(torch.cat(ids), torch.cat(masks), torch.cat(lengths), index.get("num_invalid", 0))
+        self.names = set(self.handles[0].keys()) if self.handles else set()
         self.shard_starts = [torch.cumsum(lengths_of, 0) - lengths_of for lengths_of in lengths]
 
     def __len__(self) -> int:
@@ -81,6 +84,18 @@ class HiddenCache:
         start = int(self.shard_starts[shard][local])
         length = int(self.data.lengths[example_index])
         return self.handles[shard].get_slice(name)[start : start + length]
+
+    def has(self, name: str) -> bool:
+        """Whether the shards hold tensor `name` (caches made before base_argmax/log_normaliser existed do not)."""
+        return name in self.names
+
+    def padded(self, name: str, indices: list[int], shape: torch.Size) -> torch.Tensor:
+        """Tensor `name` of examples `indices`, padded with zeros to [B, T] (+ its row width, if any)."""
+        stored = [self._rows(name, i) for i in indices]  # memory-mapped reads
+        out = torch.zeros((*shape, *stored[0].shape[1:]), dtype=stored[0].dtype)
+        for row, rows in enumerate(stored):
+            out[row, : len(rows)] = rows
+        return out
 
     def hidden(self, example_index: int) -> torch.Tensor:
         """[T, hidden] stored final hidden states of one example (read from the memory-mapped shard)."""

@@ -228,10 +228,13 @@ class SoftTargets:
     """Train the heads against the base's own next-token distribution too (`--soft-targets`).
 
     lm_head_weight [vocab, H]: the frozen base lm_head; weight: the soft share of each head's loss
-    (0 tokens only, 1 the distribution only)."""
+    (0 tokens only, 1 the distribution only); log_normaliser [B, T]: the base's logsumexp over the
+    full vocabulary at each position of the current micro-batch when a cache holds it (the recipe
+    sets it per micro-batch), else None and it is computed here."""
 
     lm_head_weight: torch.Tensor
     weight: float
+    log_normaliser: torch.Tensor | None = None
 
 
 @dataclass
@@ -256,7 +259,8 @@ def medusa_head_losses(heads, hidden: torch.Tensor, input_ids: torch.Tensor, los
 
     With `soft`, head k at position t is also trained against the base's distribution of token
     t+k+2, which is softmax(lm_head h_{t+k+1}) (h is exactly what the base read to predict it).
-    Its normaliser over the full vocabulary is computed once per position and shared by the heads.
+    Its normaliser over the full vocabulary comes from the cache (`soft.log_normaliser`) or is
+    computed once per position and shared by the heads.
     """
     loss_sums, top1, top5, counts, token_sums, predictable, soft_sums = [], [], [], [], [], [], []
     inverse_map = None
@@ -269,8 +273,11 @@ def medusa_head_losses(heads, hidden: torch.Tensor, input_ids: torch.Tensor, los
         # Positions j whose next token is a target of some head (head k's row t reads j = t+k+1).
         needed = base_targets(input_ids, loss_mask) != IGNORE_INDEX
         compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-        log_normaliser = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
-        log_normaliser[needed] = full_log_normaliser(hidden[needed], soft.lm_head_weight, compute_dtype, chunk_size)
+        if soft.log_normaliser is not None:
+            log_normaliser = soft.log_normaliser.to(hidden.device).float()
+        else:
+            log_normaliser = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
+            log_normaliser[needed] = full_log_normaliser(hidden[needed], soft.lm_head_weight, compute_dtype, chunk_size)
         kept_weight = soft.lm_head_weight if heads.token_map is None else soft.lm_head_weight[heads.token_map.to(soft.lm_head_weight.device)]
     for head_index in range(heads.num_heads):
         labels = head_targets(input_ids, loss_mask, head_index)

@@ -98,9 +98,8 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
     if config.fsdp_base and setup.base is not None:
         shard_frozen_base(setup.base, context)
     # Soft targets read the frozen base lm_head (not a parameter of the heads, so DDP ignores it).
-    loss_fn = medusa_head_losses
-    if config.soft_targets > 0:
-        loss_fn = partial(medusa_head_losses, soft=SoftTargets(setup.lm_head_weight, config.soft_targets))
+    soft = SoftTargets(setup.lm_head_weight, config.soft_targets) if config.soft_targets > 0 else None
+    loss_fn = partial(medusa_head_losses, soft=soft) if soft is not None else medusa_head_losses
     heads_with_loss = wrap_heads_for_ddp(HeadsWithLoss(heads, loss_fn, config.chunk_size), context)
     metrics_file = open_metrics(out, config, start_step, "medusa1") if context.is_main else None
     progress = tqdm(initial=start_step, total=budget.total, disable=not (config.progress and context.is_main), desc="train")
@@ -129,6 +128,8 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
             # DDP all-reduces gradients during backward; only the step's last micro-batch needs it.
             last = j == len(batches) - 1
             with nullcontext() if last or not context.enabled else heads_with_loss.no_sync():
+                if soft is not None:
+                    soft.log_normaliser = batch.get("log_normaliser")  # from the cache, else computed per micro-batch
                 with autocast:
                     hidden = source.hidden_states(batch)  # base forward (online) or the cache (offline)
                     result = heads_with_loss(hidden, batch["input_ids"], batch["loss_mask"])

@@ -51,11 +51,10 @@ class OfflineBatches:
         # The pad id is irrelevant offline: padding is masked out of the loss, and its hidden
         # states (zeros) are never a head's input at a position whose target counts.
         batch = collate([self.data.example(i) for i in indices], pad_token_id=0)
-        stored = [self.cache.hidden(i) for i in indices]  # [T_i, hidden] each, memory-mapped reads
-        hidden = torch.zeros((*batch["input_ids"].shape, stored[0].shape[-1]), dtype=stored[0].dtype)
-        for row, rows in enumerate(stored):
-            hidden[row, : len(rows)] = rows
-        batch["hidden"] = hidden
+        batch["hidden"] = self.cache.padded("hidden", indices, batch["input_ids"].shape)
+        if self.cache.has("log_normaliser"):
+            # The base's logsumexp per token: soft targets then need only the heads' kept lm_head rows.
+            batch["log_normaliser"] = self.cache.padded("log_normaliser", indices, batch["input_ids"].shape)
         return batch
 
     def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
