@@ -20,7 +20,7 @@ CACHE_VARIABLE = "MEDUSAFORGE_CACHE"
 
 @pytest.fixture(scope="session", autouse=True)
 def temporary_cache(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("medusaforge-cache")
+    directory = tmp_path_factory.mktemp("medusaforge-cache", numbered=False)
     user_setting = os.environ.get(CACHE_VARIABLE)
     os.environ[CACHE_VARIABLE] = str(directory)
     yield directory
