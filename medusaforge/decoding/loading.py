@@ -14,7 +14,7 @@ from medusaforge.decoding.tree import default_tree, load_tree, load_tree_metadat
 from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer, prepare_draft
 from medusaforge.drafters.medusa_proposer import prepare_heads
 from medusaforge.files import read_json
-from medusaforge.interop.eagle3_layout import import_eagle3
+from medusaforge.interop.eagle3_layout import find_eagle3_folder, import_eagle3
 from medusaforge.interop.importer import import_heads
 from medusaforge.models import load_base_model, load_tokenizer, resolve_device, resolve_dtype
 
@@ -100,6 +100,23 @@ def load_eagle3_for_decoding(model: str, drafter: str | os.PathLike, dtype: str,
     tokenizer = load_tokenizer(model)
     base = load_base_model(model, dtype=resolve_dtype(dtype, torch_device), device=torch_device)
     return tokenizer, base, load_eagle3_proposer(drafter, base, tree)
+
+
+EAGLE_TREE_FILE = "tree.json"  # `medusaforge tree --drafter DIR --out DIR/tree.json` leaves the fitted shape here
+
+
+def eagle_tree_file(drafter: str | os.PathLike, tree_file: str | os.PathLike | None = None) -> Path | None:
+    """The EAGLE-3 tree file that generate and eval decode with: `tree_file` when given, else the one
+    a tree search left in the drafter folder (DIR/tree.json, or in its draft/ subfolder), else None
+    (the --eagle-* shape). The fitted shape is the host's best, so it wins over the flags' defaults."""
+    if tree_file is not None:
+        return Path(tree_file)
+    found = find_eagle3_folder(drafter)
+    for folder in [Path(drafter)] + ([found] if found is not None else []):
+        if (folder / EAGLE_TREE_FILE).is_file():
+            print(f"EAGLE-3 tree: {folder / EAGLE_TREE_FILE} (fitted by `medusaforge tree --drafter`; --tree FILE overrides it)")
+            return folder / EAGLE_TREE_FILE
+    return None
 
 
 def load_eagle_tree(path: str | os.PathLike) -> DynamicTree | None:

@@ -44,16 +44,6 @@ class DynamicTree:
                 raise ValueError(f"EAGLE tree: {name} must be at least 1, got {getattr(self, name)}")
 
 
-@dataclass
-class _Node:
-    draft_id: int  # token in the draft vocabulary
-    parent: int  # index into the node list, -1 for a child of the root
-    score: float  # cumulative draft log-probability of the path root -> this node
-    depth: int  # 1 for children of the root
-    hidden: torch.Tensor  # [H] output hidden of the step that proposed this node (its parent's)
-    slot: int = -1  # its draft KV cache slot once expanded
-
-
 def prepare_draft(draft: nn.Module, base: nn.Module) -> nn.Module:
     """The draft on the base's device and dtype, in eval mode, so a step does no conversions."""
     weight = base.get_input_embeddings().weight
@@ -109,55 +99,59 @@ class Eagle3Proposer:
 
     @torch.inference_mode()
     def propose(self, tokens: list[int], verified: Verified) -> DraftTree:
+        """The tree of the module docstring. Every depth stays on the device (scores, draft ids,
+        parents and attention masks are tensors); the one host sync is the parents tuple at the end."""
         self.catch_up()
         k = min(self.tree.topk, self.draft.config.draft_vocab_size)
         root_position = self.committed - 1  # the entry (feature at p, root) sits at p = committed - 1
-        nodes = self._children(self.last_hidden[None], [-1], [0.0], [0], k)
-        frontier = list(range(len(nodes)))
-        for depth in range(1, self.tree.depth):
-            expand = sorted(frontier, key=lambda i: -nodes[i].score)[:k]
-            outputs = self._expand(nodes, expand, root_position + depth)
-            frontier = [len(nodes) + i for i in range(len(expand) * k)]
-            nodes += self._children(outputs, expand, [nodes[i].score for i in expand], [depth] * len(expand), k)
-        return self._select(nodes, tokens[-1])
-
-    def _children(self, hiddens: torch.Tensor, parents: list[int], scores: list[float], depths: list[int], k: int) -> list[_Node]:
-        """hiddens [m, H]: the output of the step run for each parent -> its top-k children."""
-        logprobs = torch.log_softmax(self.draft.logits(hiddens).float(), dim=-1)  # [m, draft_vocab]
-        top = logprobs.topk(k, dim=-1)
-        values, indices = top.values.tolist(), top.indices.tolist()  # note: a host sync per depth
-        return [
-            _Node(indices[j][r], parents[j], scores[j] + values[j][r], depths[j] + 1, hiddens[j])
-            for j in range(len(parents))
-            for r in range(k)
-        ]
-
-    def _expand(self, nodes: list[_Node], expand: list[int], position: int) -> torch.Tensor:
-        """Run the draft on the nodes `expand` (all at one depth, hence one position). -> [m, H]."""
         device = self.last_hidden.device
-        draft_ids = torch.tensor([nodes[i].draft_id for i in expand], device=device)
-        input_ids = self.draft.to_target(draft_ids)[None]  # [1, m]
-        hidden = torch.stack([nodes[i].hidden for i in expand])[None]  # [1, m, H]
-        past = len(self.cache)
-        mask = torch.zeros(1, len(expand), past + len(expand), dtype=torch.bool, device=device)
-        mask[:, :, : self.committed] = True
-        for row, index in enumerate(expand):
-            nodes[index].slot = past + row
-            ancestor = nodes[index].parent
-            while ancestor >= 0:
-                mask[0, row, nodes[ancestor].slot] = True
-                ancestor = nodes[ancestor].parent
-            mask[0, row, past + row] = True
-        positions = torch.full((1, len(expand)), position, device=device)
-        out, self.cache = self.draft.step(input_ids, hidden, positions, self.cache, attention_mask=mask)
+        # Nodes are numbered depth by depth, each depth's block in the order it was drafted.
+        # outputs [m, H]: the draft outputs the newest block was proposed from; block node j came from
+        # row j // k. ancestors [m * k, T]: the tree cache slots each newest node may attend to.
+        outputs = self.last_hidden[None]
+        scores, draft_ids = self._children(outputs, torch.zeros(1, dtype=torch.float64, device=device), k)
+        ancestors = torch.zeros(k, 0, dtype=torch.bool, device=device)
+        all_scores, all_ids, all_parents = [scores], [draft_ids], [torch.full((k,), -1, device=device)]
+        first = 0  # number of the newest block's first node
+        for depth in range(1, self.tree.depth):
+            # The k best of the newest depth, best first; a stable sort breaks ties by node number.
+            expand = torch.sort(-scores, stable=True).indices[:k]  # [m]
+            rows = torch.cat([ancestors[expand], torch.eye(len(expand), dtype=torch.bool, device=device)], dim=1)
+            outputs = self._expand(draft_ids[expand], outputs[expand // k], rows, root_position + depth)
+            all_parents.append((first + expand).repeat_interleave(k))
+            first += len(scores)
+            scores, draft_ids = self._children(outputs, scores[expand], k)
+            ancestors = rows.repeat_interleave(k, dim=0)  # a child sees what its parent saw, and its parent
+            all_scores.append(scores)
+            all_ids.append(draft_ids)
+        return self._select(torch.cat(all_scores), torch.cat(all_ids), torch.cat(all_parents), tokens[-1])
+
+    def _children(self, outputs: torch.Tensor, parent_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """outputs [m, H]: the draft step run for each parent; parent_scores [m] float64 ->
+        (scores [m * k] float64, draft ids [m * k]): each parent's top-k children, parent by parent.
+        Scores add in float64, as the Python floats of the earlier list version did: same sums, same order."""
+        logprobs = torch.log_softmax(self.draft.logits(outputs).float(), dim=-1)  # [m, draft_vocab]
+        top = logprobs.topk(k, dim=-1)
+        return (parent_scores[:, None] + top.values.double()).flatten(), top.indices.flatten()
+
+    def _expand(self, draft_ids: torch.Tensor, hidden: torch.Tensor, tree_mask: torch.Tensor, position: int) -> torch.Tensor:
+        """Run the draft on m nodes of one depth (hence one position). draft_ids [m]; hidden [m, H]
+        (each node's parent's output); tree_mask [m, T + m]: the tree cache slots each may attend to,
+        its own new slot included. -> [m, H]."""
+        m = len(draft_ids)
+        verified = torch.ones(m, self.committed, dtype=torch.bool, device=hidden.device)
+        mask = torch.cat([verified, tree_mask], dim=1)[None]  # [1, m, committed + T + m]
+        positions = torch.full((1, m), position, device=hidden.device)
+        out, self.cache = self.draft.step(self.draft.to_target(draft_ids)[None], hidden[None], positions, self.cache, attention_mask=mask)
         return out[0]
 
-    def _select(self, nodes: list[_Node], root: int) -> DraftTree:
-        """The best `num_nodes` nodes, best first (ties: shallower first), as a DraftTree."""
-        order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth, i))[: self.tree.num_nodes]
-        position = {index: n + 1 for n, index in enumerate(order)}
-        parents = (-1,) + tuple(0 if nodes[i].parent < 0 else position[nodes[i].parent] for i in order)
-        device = self.last_hidden.device
-        draft_ids = torch.tensor([nodes[i].draft_id for i in order], dtype=torch.long, device=device)
-        tokens = torch.cat([torch.tensor([root], device=device), self.draft.to_target(draft_ids)])
-        return DraftTree(tokens, parents)
+    def _select(self, scores: torch.Tensor, draft_ids: torch.Tensor, parents: torch.Tensor, root: int) -> DraftTree:
+        """The best `num_nodes` nodes, best first, as a DraftTree. Node numbers grow with depth, so a
+        stable sort on the score breaks ties shallower first, then in drafting order."""
+        order = torch.sort(-scores, stable=True).indices[: self.tree.num_nodes]  # [n]
+        place = torch.zeros(len(scores) + 1, dtype=torch.long, device=scores.device)
+        place[order] = torch.arange(1, len(order) + 1, device=scores.device)  # node -> its place in the draft
+        chosen = parents[order]
+        tree_parents = torch.where(chosen < 0, 0, place[chosen])
+        tokens = torch.cat([torch.tensor([root], device=scores.device), self.draft.to_target(draft_ids[order])])
+        return DraftTree(tokens, (-1,) + tuple(tree_parents.tolist()))  # note: the step's one host sync
