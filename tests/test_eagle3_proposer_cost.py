@@ -240,3 +240,30 @@ def test_benchmark_shapes_default_fitted_and_given_without_repeats(tmp_path):
     assert draft_cost.shapes_to_time(tmp_path / "tree.json", given) == [DynamicTree(), DynamicTree(2, 3, 4), DynamicTree(8, 3, 24)]
     write_tree_file(tmp_path / "tree.json", None)  # the search chose no drafting: nothing extra to time
     assert draft_cost.shapes_to_time(tmp_path / "tree.json", []) == [DynamicTree()]
+
+
+def test_eval_decodes_with_the_tree_file_in_the_drafter_folder(tmp_path):
+    from medusaforge.cli import main
+    from medusaforge.models import load_base_model
+    from tests.helpers import save_tiny_model, write_jsonl
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    base = load_base_model(model_dir, check=False)
+    torch.manual_seed(0)
+    Eagle3Draft(draft_config_from_base(base.config, 64, (0, 1, 1)), base.get_input_embeddings()).save(tmp_path / "run" / "draft")
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hello there"}])
+    fitted = {"topk": 2, "depth": 2, "num_nodes": 3}
+    write_tree_file(tmp_path / "run" / "tree.json", fitted)
+
+    def eval_tree() -> dict:
+        out = tmp_path / "eval.json"
+        main(["eval", "--model", str(model_dir), "--drafter", str(tmp_path / "run"), "--prompts", str(prompts),
+              "--max-new-tokens", "6", "--dtype", "fp32", "--warmup-tokens", "2", "--json", str(out)])
+        result = json.loads(out.read_text())
+        assert result["identical"] is True
+        return result["tree"]
+
+    assert eval_tree() == fitted
+    (tmp_path / "run" / "tree.json").unlink()
+    default = DynamicTree()
+    assert eval_tree() == {"topk": default.topk, "depth": default.depth, "num_nodes": default.num_nodes}

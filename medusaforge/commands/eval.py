@@ -23,7 +23,7 @@ from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
 from medusaforge.decoding.decoder import DecodeResult, medusa_generate, speculative_generate
 from medusaforge.decoding.identity import BUG, count_outputs, judge_parting, outputs_line, verdict
 from medusaforge.decoding.loading import (
-    adaptive_drafting, hf_greedy, hf_prompt_lookup, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids,
+    adaptive_drafting, eagle_tree_file, hf_greedy, hf_prompt_lookup, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids,
 )
 from medusaforge.drafters.eagle3_proposer import DynamicTree
 from medusaforge.interop.eagle3_layout import find_eagle3_folder
@@ -47,7 +47,7 @@ class EvalConfig:
     eagle_depth: int = option(DynamicTree.depth, "EAGLE-3 tree: draft steps at most")
     eagle_nodes: int = option(DynamicTree.num_nodes, "EAGLE-3 tree: candidate nodes verified per step")
     max_new_tokens: int = option(128, "tokens to generate per prompt")
-    tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count; with an EAGLE-3 --drafter: the file `tree --drafter` wrote")
+    tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count; with an EAGLE-3 --drafter DIR: DIR/tree.json when present (`tree --drafter DIR --out DIR/tree.json` writes it)")
     adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
     lookup: bool = option(True, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged "
                                 "into the heads' tree (faster on every prompt set measured; an EAGLE-3 --drafter decodes without it)")
@@ -121,9 +121,11 @@ def write_histogram(accept_lengths: list[int], path: Path, title: str) -> bool:
 
 def run(config: EvalConfig) -> dict:
     eagle3 = find_eagle3_folder(config.drafter)
+    # An EAGLE-3 drafter's fitted tree (DIR/tree.json from `tree --drafter`) is used unless --tree names another.
+    tree_file = eagle_tree_file(config.drafter, config.tree) if eagle3 is not None else config.tree
     if eagle3 is not None:
         tokenizer, base, proposer, eagle_tree = load_eagle3_drafter(
-            config.model, eagle3, config.tree, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
+            config.model, eagle3, tree_file, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
             config.dtype, config.device)
         tree = {"topk": eagle_tree.topk, "depth": eagle_tree.depth, "num_nodes": eagle_tree.num_nodes} if eagle_tree else {}
         depth = eagle_tree.depth if eagle_tree else 0
@@ -139,7 +141,7 @@ def run(config: EvalConfig) -> dict:
     print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, {shape}", flush=True)
 
     lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup and eagle3 is None else None
-    adaptive = adaptive_drafting(config.tree, config.adaptive)
+    adaptive = adaptive_drafting(tree_file, config.adaptive)
     if not tree and lookup is None:
         print("the tree file says no draft beats plain decoding here: decoding without drafting", flush=True)
 

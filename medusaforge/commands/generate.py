@@ -11,7 +11,7 @@ import torch
 from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate, speculative_generate
-from medusaforge.decoding.loading import adaptive_drafting, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.decoding.loading import adaptive_drafting, eagle_tree_file, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids
 from medusaforge.drafters.eagle3_proposer import DynamicTree
 from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.lookup import LookupProposer
@@ -27,7 +27,7 @@ class GenerateConfig:
     prompt: str = option("", "prompt text (rendered with the chat template)")
     prompts: str = option("", "instead of --prompt: a prompts file (.jsonl / .txt), 'mt-bench' or 'copy-heavy'")
     limit: int = option(0, "with --prompts: use only the first N (0 = all)")
-    tree: Path | None = option(None, "tree JSON (a list of paths); default: the shipped tree for the head count; with an EAGLE-3 --drafter: the file `tree --drafter` wrote")
+    tree: Path | None = option(None, "tree JSON (a list of paths); default: the shipped tree for the head count; with an EAGLE-3 --drafter DIR: DIR/tree.json when present (`tree --drafter DIR --out DIR/tree.json` writes it)")
     lookup: bool = option(True, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged "
                                 "into the heads' tree (faster on every prompt set measured; an EAGLE-3 --drafter decodes without it)")
     lookup_tokens: int = option(16, "with --lookup: tokens per lookup chain after a full-length n-gram match (fewer after a shorter one)")
@@ -61,9 +61,11 @@ class GenerateConfig:
 def run(config: GenerateConfig) -> None:
     torch.manual_seed(config.seed)
     eagle3 = find_eagle3_folder(config.drafter)
+    # An EAGLE-3 drafter's fitted tree (DIR/tree.json from `tree --drafter`) is used unless --tree names another.
+    tree_file = eagle_tree_file(config.drafter, config.tree) if eagle3 is not None else config.tree
     if eagle3 is not None:
         tokenizer, base, proposer, tree = load_eagle3_drafter(
-            config.model, eagle3, config.tree, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
+            config.model, eagle3, tree_file, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
             config.dtype, config.device)
     else:
         heads_dir = config.drafter or config.heads
@@ -73,7 +75,7 @@ def run(config: GenerateConfig) -> None:
     chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
     generator = torch.Generator(device=base.device).manual_seed(config.seed)
     lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup and eagle3 is None else None
-    adaptive = adaptive_drafting(config.tree, config.adaptive)  # an EAGLE-3 tree file carries its step cost too
+    adaptive = adaptive_drafting(tree_file, config.adaptive)  # an EAGLE-3 tree file carries its step cost too
     for messages in chats:
         input_ids = encode_prompt(tokenizer, messages, chat=config.chat).to(base.device)
         start = time.perf_counter()
