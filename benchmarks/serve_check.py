@@ -207,9 +207,11 @@ def run_worker(mode: str, args, workdir: Path, log_name: str, extra: list[str]) 
         try:
             returncode = process.wait(timeout=args.mode_timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # the worker's own session: its engine processes too
-            process.wait()
             returncode = None
+        finally:  # timed out, or this process is stopping: end the worker's session, engines included
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     report = json.loads(out.read_text()) if out.is_file() else None
     if returncode == 0 and report is not None:
         return report
@@ -248,6 +250,8 @@ def run_sweeps(modes: list[str], args, prompts: list, workdir: Path) -> dict[str
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # SIGTERM (timeout, make interrupted) unwinds like Ctrl-C, so run_worker ends its engine's processes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     prompt_sets = read_prompts(args.prompts, args.num_prompts)
     if args.only:
         if args.sweep:
