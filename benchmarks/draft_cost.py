@@ -15,6 +15,11 @@ Usage:
 
   python benchmarks/draft_cost.py --drafter runs/eagle3-demo
   python benchmarks/draft_cost.py --random-draft --shape 8x3x24 --shape 4x5x16
+  OMP_NUM_THREADS=1 python benchmarks/draft_cost.py --random-draft   # a busy 2-core host: a starved second
+                                                                     # thread stretches every step ~7x
+
+On a CPU the draft is memory-bound: each depth streams the draft layer and its lm_head (draft_vocab rows),
+so the cost is about depth x (layer + lm_head bytes) / (the base's bytes per step); only the shape changes it.
 """
 
 from __future__ import annotations
