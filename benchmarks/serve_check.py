@@ -133,7 +133,9 @@ def start_engine(mode: str, k: int | None, args):
 
 
 def stop_engine(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()  # ends the engine-core and worker processes now
+    # Ends the engine-core and worker processes now; past 2 s they are killed (vLLM's default waits
+    # 5 s, for each of the sweep's engines). run_worker kills whatever is left when the worker ends.
+    llm.llm_engine.engine_core.shutdown(timeout=2)
     del llm
     gc.collect()
 
@@ -174,7 +176,6 @@ def measure(mode: str, k: int | None, args, prompt_sets: dict[str, list]) -> dic
         report["runs"][name] = {"one_at_a_time": timed_pass(llm, [[t] for t in batch], args.max_tokens, mode != "plain")}
     for name, batch in texts.items():
         report["runs"][name]["batched"] = timed_pass(llm, [batch], args.max_tokens, mode != "plain")
-    stop_engine(llm)
     return report
 
 
@@ -208,10 +209,12 @@ def run_worker(mode: str, args, workdir: Path, log_name: str, extra: list[str]) 
             returncode = process.wait(timeout=args.mode_timeout)
         except subprocess.TimeoutExpired:
             returncode = None
-        finally:  # timed out, or this process is stopping: end the worker's session, engines included
-            if process.poll() is None:
+        finally:  # done, timed out, or this process is stopping: end the worker's session, engines included
+            try:
                 os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            except ProcessLookupError:
+                pass
+            process.wait()
     report = json.loads(out.read_text()) if out.is_file() else None
     if returncode == 0 and report is not None:
         return report
@@ -259,7 +262,8 @@ def main(argv=None) -> int:
         else:
             prompt_sets.pop("sweep", None)
             args.report.write_text(json.dumps(measure(args.only, args.k or None, args, prompt_sets)))
-        return 0
+        sys.stdout.flush()
+        os._exit(0)  # the report is written: skip the engine's graceful exit, run_worker ends its processes
     wall_start = time.perf_counter()
     sweep_prompts = prompt_sets.pop("sweep", None)
     modes, skipped = planned_modes(args)
@@ -271,7 +275,7 @@ def main(argv=None) -> int:
                 "prompts": {name: len(p) for name, p in prompt_sets.items()}, "rounds": args.rounds}
     print("serve-check settings:", json.dumps(settings), flush=True)
     print(f"How it runs: every mode in its own process (its own vLLM engine), one after another, never two "
-          f"at once; {args.rounds} round(s), the order rotated each round: "
+          f"at once; {args.rounds} round(s), the order rotated each round (rounds split by |): "
           + " | ".join(", ".join(m for r, m in alternation(modes, args.rounds) if r == i) for i in range(args.rounds)),
           flush=True)
     args.log_dir.mkdir(parents=True, exist_ok=True)
@@ -304,9 +308,11 @@ def print_results(args, settings, modes, prompt_sets, by_round, sweeps, num_swee
     print(f"CPU: {settings['cpu']} ({settings['cores']} cores; {', '.join(settings['flags'])}); load average at "
           f"start {settings['load_average_1_5_15_min']} (1, 5, 15 min). Prompts: "
           + ", ".join(f"{len(p)} {name}" for name, p in prompt_sets.items())
-          + f". Every mode ran in its own process, one after another, never two at once; {args.rounds} round(s) "
-          "in alternation, order rotated each round; 'vs plain' is within a round"
-          + (", median (min-max) over rounds." if args.rounds > 1 else "."))
+          + ". Every mode ran in its own process (its own engine), one after another, never two at once; "
+          + (f"{args.rounds} rounds in alternation, the order rotated each round; 'vs plain' is taken within a "
+             "round, then given as median (min-max) over rounds." if args.rounds > 1 else
+             "one round: each mode ran once, so a change of load between modes is not averaged out "
+             "(--rounds 2, ROUNDS=2 in serve_check.sh, repeats them in alternation)."))
     if sweeps:
         print(f"\nK per mode, from a sweep on {num_sweep_prompts} other prompts, one at a time, max "
               f"{args.sweep_max_tokens} new tokens (tok/s, accepted length; the smallest K within 2% of the fastest):\n")

@@ -37,7 +37,7 @@ install_vllm() {
 # ships only a source archive: it is built against the venv's torch (no build isolation, which would
 # fetch a CUDA torch), with the venv's Python named to CMake; a failure leaves the suffix row saying why.
 install_extras() {
-    if ! "$VLLM_VENV/bin/python" -c "import medusaforge" 2>/dev/null; then
+    if ! "$VLLM_VENV/bin/python" -c "import medusaforge, sys; sys.exit(not medusaforge.__file__.startswith('$PWD/'))" 2>/dev/null; then
         "$VLLM_VENV/bin/python" -m pip install -q --no-deps -e .
     fi
     if [ ! -f "$VLLM_VENV/.arctic-tried" ]; then
