@@ -82,9 +82,15 @@ def test_token_batches_time_budget_and_soft_targets_end_to_end(tmp_path, tiny_mo
                  "--batch-tokens", "128", "--max-length", "64", "--lr", "3e-3", "--eval-fraction", "0.2",
                  "--progress", "false", "--dtype", "fp32"]
     out = tmp_path / "soft"
-    assert main(base_argv + ["--out", str(out), "--epochs", "2", "--soft-targets", "0.5"]) == 0
+    assert main(base_argv + ["--out", str(out), "--epochs", "2", "--soft-targets", "0.5", "--eval-every", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = [line for line in lines if "loss" in line]
+    # --eval-every 2: a held-out line after every second step but the last, with the training seconds so far.
+    interim = [line for line in lines if "held_out_top1" in line]
+    assert [line["step"] for line in interim] == list(range(2, summary["steps"], 2))
+    assert all(len(line["held_out_top1"]) == 2 for line in interim)
+    assert [line["seconds"] for line in interim] == sorted(line["seconds"] for line in interim)
     assert summary["batch_tokens"] == 128 and summary["soft_targets"] == 0.5
     assert summary["steps"] == summary["planned_steps"] == len(metrics) > 2
     assert summary["peak_rss_bytes"] > 10 * 2**20

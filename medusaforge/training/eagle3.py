@@ -253,10 +253,23 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
         if context.is_main and ((step + 1) % config.log_every == 0 or step + 1 == budget.total):
             record = {"step": step + 1, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "step_loss": step_loss.tolist(), "step_top1": step_top1.tolist(), "skipped": not finite,
-                      "tokens_per_s": tokens_seen * context.world_size / (time.perf_counter() - started)}
+                      "tokens_per_s": tokens_seen * context.world_size / (time.perf_counter() - started),
+                      "seconds": round(time.perf_counter() - started, 1)}
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
         step += 1
+        if config.eval_every and step % config.eval_every == 0 and step < budget.total and eval_indices:
+            # A point on the convergence curve; its time is taken out of the training clock.
+            paused = time.perf_counter()
+            trained_seconds = paused - started
+            draft.eval()
+            interim = evaluate_draft(draft, source, eval_indices, config.batch_size, num_steps, device, autocast, context, config.chunk_size)
+            draft.train()
+            started += time.perf_counter() - paused
+            if context.is_main:
+                metrics_file.write(json.dumps({"step": step, "seconds": round(trained_seconds, 1),
+                                               "held_out_top1": interim["top1"], "held_out_loss": interim["loss"]}) + "\n")
+                metrics_file.flush()
         extra = {"data_position": step * config.grad_accum, "world_size": context.world_size, "schedule": schedule,
                  "skipped_nonfinite": skipped_steps, "budget": budget.state(time.perf_counter() - started)}
         if config.save_every and step % config.save_every == 0 and step < budget.total:
