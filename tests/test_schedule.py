@@ -44,26 +44,28 @@ def test_steps_that_fit_hand_worked():
     assert steps_that_fit(60, 0, 0, 100, planned_steps=100) == 1  # at least one step
 
 
-def test_a_time_budget_shrinks_the_total_and_the_decay_follows():
+def test_a_time_budget_sets_the_total_to_what_fits_and_the_decay_follows():
     budget = StepBudget(planned_steps=100, max_minutes=1.0, warmup_ratio=0.2, min_lr_ratio=0.0)
-    # Step 1 took 12 s (warm-up included): 1 + floor(48 / 12) = 5 steps fit.
-    assert budget.step_finished(1, 12.0, 12.0) and budget.total == 5
-    # Step 2 took 10 s; the first step is left out of the mean now: 2 + floor(38 / 10) = 5.
-    assert not budget.step_finished(2, 10.0, 22.0) and budget.total == 5
-    # Faster steps later never grow the total back: the LR decay already aims at step 5.
-    assert not budget.step_finished(3, 1.0, 23.0) and budget.total == 5
+    # Step 1 took 12 s, warm-up included: alone it only decides whether to stop (12 + 12 < 60: no).
+    assert not budget.step_finished(1, 12.0, 12.0) and budget.total == 100
+    # Step 2 took 10 s; the first step is left out of the mean: 2 + floor(38 / 10) = 5 steps fit.
+    assert budget.step_finished(2, 10.0, 22.0) and budget.total == 5
     # Warmup 20% of 5 = 1 step, then cosine over 4: step 3 is half way.
     assert budget.lr_multiplier(0) == pytest.approx(1.0)
     assert budget.lr_multiplier(3) == pytest.approx(0.5)
-    # A slow host: the first step alone uses the budget, so the run stops after it.
+    # Step 3 took 1 s: mean 5.5 s, 3 + floor(37 / 5.5) = 9; the total follows the estimate.
+    assert budget.step_finished(3, 1.0, 23.0) and budget.total == 9
+    # A slow host: one more step at the first step's pace would end past the budget, so stop.
     slow = StepBudget(planned_steps=100, max_minutes=1.0, warmup_ratio=0.05, min_lr_ratio=0.0)
-    assert slow.step_finished(1, 70.0, 70.0) and slow.total == 1
+    assert slow.step_finished(1, 35.0, 35.0) and slow.total == 1
     # A resume continues with the total and the time already spent.
     resumed = StepBudget(planned_steps=100, max_minutes=1.0, warmup_ratio=0.2, min_lr_ratio=0.0)
     resumed.restore(budget.state(elapsed_seconds=23.0))
-    assert resumed.total == 5 and resumed.spent_seconds == 23.0
-    # ... 4 s a step from here: 3 + floor((60 - 23 - 4) / 4) would be 11, capped by the total 5.
-    assert not resumed.step_finished(3, 4.0, 4.0) and resumed.total == 5
+    assert resumed.total == 9 and resumed.spent_seconds == 23.0
+    # Its first step (4 s) fits: 23 + 4 spent, another 4 s step ends at 31 < 60, so it goes on.
+    assert not resumed.step_finished(4, 4.0, 4.0) and resumed.total == 9
+    # Then 6 s: 5 + floor((60 - 33) / 6) = 9.
+    assert not resumed.step_finished(5, 6.0, 10.0) and resumed.total == 9
 
 
 def test_apply_lr_sets_the_current_steps_lr_after_a_shrink():
@@ -71,6 +73,7 @@ def test_apply_lr_sets_the_current_steps_lr_after_a_shrink():
     budget = StepBudget(100, 1.0, config.warmup_ratio, config.min_lr_ratio)
     optimizer, scheduler = optimizer_and_schedule([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.01}], config, 100, budget)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 / 20)  # warmup of 20 steps planned
-    budget.step_finished(1, 12.0, 12.0)  # total 5: warmup is 1 step
-    apply_lr(optimizer, scheduler, budget, step=0)
+    budget.step_finished(1, 12.0, 12.0)
+    budget.step_finished(2, 10.0, 22.0)  # total 5: warmup is 1 step
+    apply_lr(optimizer, scheduler, budget, step=1)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)

@@ -3,11 +3,12 @@
 Without a time budget the count is fixed before the first step: --max-steps, else --epochs passes
 over the training split. With --max-minutes that count is an upper bound, and the run makes as many
 of those steps as fit in the time: after every step the mean step time so far predicts how many
-more fit, and the total only ever shrinks to that. A slower host therefore trains fewer steps
-rather than for longer, and no step is started that would likely end past the limit.
+more fit, and the total follows it. A slower host therefore trains fewer steps rather than for
+longer, and no step is started that would likely end past the limit.
 
 The learning rate follows linear warmup then cosine decay over the *current* total, so when the
-total shrinks the decay finishes by the new end instead of being cut off half way. A run without
+total moves the decay still finishes at the end instead of being cut off half way (the estimate
+settles within a few steps, so later moves are small). A run without
 a time budget never changes its total, so its schedule (and a resume of it) is exactly reproducible.
 """
 
@@ -50,18 +51,25 @@ class StepBudget:
 
     def step_finished(self, steps_done: int, step_seconds: float, elapsed_seconds: float) -> bool:
         """Record one step's time (`elapsed_seconds`: this process's training time so far); with a
-        time budget, shrink the total to what fits. -> whether the total changed.
+        time budget, set the total to the steps that fit. -> whether the total changed.
 
-        The first step of a process carries one-off costs (allocation, warm-up), so the mean leaves
-        it out once a later step has been timed; until then it is all there is (a cautious estimate)."""
+        The first step of a process carries one-off costs (allocation, warm-up, first reads), so it
+        is left out of the mean step time, and alone it decides only whether to stop (when one more
+        step at its pace would end past the budget). From the second step on, the total follows the
+        mean of the later steps, up or down, never past the planned steps."""
         self.step_seconds.append(step_seconds)
         if self.budget_seconds is None:
             return False
-        timed = self.step_seconds[1:] or self.step_seconds
-        fits = steps_that_fit(self.budget_seconds, self.spent_seconds + elapsed_seconds, steps_done,
-                              sum(timed) / len(timed), self.total)
-        changed = fits < self.total
-        self.total = min(self.total, fits)
+        spent = self.spent_seconds + elapsed_seconds
+        if len(self.step_seconds) == 1:
+            if steps_that_fit(self.budget_seconds, spent, steps_done, step_seconds, self.planned_steps) > steps_done:
+                return False
+            fits = steps_done
+        else:
+            timed = self.step_seconds[1:]
+            fits = steps_that_fit(self.budget_seconds, spent, steps_done, sum(timed) / len(timed), self.planned_steps)
+        changed = fits != self.total
+        self.total = fits
         return changed
 
     def state(self, elapsed_seconds: float) -> dict:
