@@ -8,8 +8,8 @@ longer, and no step is started that would likely end past the limit.
 
 The learning rate follows linear warmup then cosine decay over the *current* total, so when the
 total moves the decay still finishes at the end instead of being cut off half way (the estimate
-settles within a few steps, so later moves are small). A run without
-a time budget never changes its total, so its schedule (and a resume of it) is exactly reproducible.
+settles within a few steps, so later moves are small). A run without a time budget never changes
+its total, so its schedule (and a resume of it) is exactly reproducible.
 """
 
 from __future__ import annotations
