@@ -63,19 +63,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_size: int, grad_x_needed: bool, grad_weight_needed: bool,
                 soft_targets=None, soft_weight: float = 0.0):
-        # Softmax statistics in at least fp32, even when the matmul runs in bf16.
+        # Softmax statistics in at least fp32, even when the matmul runs in bf16. Under autocast the
+        # matmuls run in its dtype: operands are cast once here, not by autocast at every product.
         accumulate = torch.promote_types(x.dtype, torch.float32)
+        matmul_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         hard_weight = 1.0 - soft_weight if soft_targets is not None else 1.0
         objective = torch.zeros((), dtype=accumulate, device=x.device)
         hard_sum = torch.zeros((), dtype=accumulate, device=x.device)
         soft_sum = torch.zeros((), dtype=accumulate, device=x.device)
         top1 = torch.zeros((), dtype=torch.long, device=x.device)
         top5 = torch.zeros((), dtype=torch.long, device=x.device)
-        weight_cast = weight.to(x.dtype)
+        weight_cast = weight.to(matmul_dtype)
         grad_x = torch.empty_like(x) if grad_x_needed else None
         grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if grad_weight_needed else None
         for start in range(0, x.shape[0], chunk_size):
-            chunk_x = x[start : start + chunk_size]
+            chunk_x = x[start : start + chunk_size].to(matmul_dtype)
             chunk_targets = targets[start : start + chunk_size]
             logits = (chunk_x @ weight_cast.T).to(accumulate)  # [chunk, vocab]
             valid = chunk_targets != IGNORE_INDEX
@@ -85,15 +87,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             hits = (best == chunk_targets.unsqueeze(-1)) & valid.unsqueeze(-1)
             top1 += hits[:, 0].sum()
             top5 += hits.any(-1).sum()
-            log_normaliser = torch.logsumexp(logits, dim=-1)  # [chunk]
-            chunk_hard = (log_normaliser[valid] - logits[rows, safe_targets]).sum()
-            hard_sum += chunk_hard
+            # Everything that reads the raw logits comes before they become the softmax in place.
+            target_logits = logits[rows, safe_targets]
             probabilities = None
             if soft_targets is not None:
-                # -sum_v p_v log q_v = (sum_v p_v) * logsumexp(z) - sum_v p_v z_v
                 probabilities = soft_targets.probabilities(start, start + len(chunk_targets)).to(accumulate)  # [chunk, vocab]
                 mass = probabilities.sum(-1)
-                chunk_soft = (mass * log_normaliser).sum() - (probabilities * logits).sum()
+                expected_logit = torch.vdot(probabilities.flatten(), logits.flatten())  # sum_v p_v z_v over the chunk
+            # logsumexp and softmax from one exp pass: e = exp(z - max), lse = max + log(sum e), softmax = e / sum e.
+            largest = logits.amax(dim=-1, keepdim=True)
+            exponentials = logits.sub_(largest).exp_()
+            total = exponentials.sum(-1)
+            log_normaliser = largest.squeeze(-1) + total.log()  # [chunk]
+            chunk_hard = (log_normaliser[valid] - target_logits).sum()
+            hard_sum += chunk_hard
+            if probabilities is not None:
+                # -sum_v p_v log q_v = (sum_v p_v) * logsumexp(z) - sum_v p_v z_v
+                chunk_soft = (mass * log_normaliser).sum() - expected_logit
                 soft_sum += chunk_soft
                 objective += hard_weight * chunk_hard + soft_weight * chunk_soft
             else:
@@ -101,15 +111,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_x is None and grad_weight is None:
                 continue
             # d(hard)/d logits = softmax - one_hot on valid rows; d(soft)/d logits = mass * softmax - p.
-            grad_logits = logits.sub_(log_normaliser.unsqueeze(-1)).exp_()
-            if probabilities is None:
-                grad_logits[rows, safe_targets] -= 1.0
-                grad_logits[~valid] = 0.0
-            else:
-                grad_logits.mul_((hard_weight * valid + soft_weight * mass).unsqueeze(-1))
+            # One pass turns e into the softmax scaled by each row's factor.
+            factor = hard_weight * valid if probabilities is None else hard_weight * valid + soft_weight * mass
+            grad_logits = exponentials.mul_((factor / total).unsqueeze(-1))
+            if hard_weight:
                 grad_logits[rows, safe_targets] -= hard_weight
+            if probabilities is not None:
                 grad_logits.sub_(probabilities, alpha=soft_weight)
-            grad_logits = grad_logits.to(x.dtype)
+            grad_logits = grad_logits.to(matmul_dtype)
             if grad_x is not None:
                 grad_x[start : start + chunk_size] = grad_logits @ weight_cast
             if grad_weight is not None:
