@@ -44,10 +44,14 @@ test: setup
 # the features the demo's cache step stored, for a 10-minute budget (as many epochs as fit); per-step
 # held-out top-1 and peak RSS land in runs/eagle3-demo/summary.json. The cache line is a no-op when
 # the demo stored the EAGLE-3 features; for a demo made before it did, it adds them (one base pass).
-# Then the same side-by-side timing as the demo's heads, on the same 3 MT-Bench prompts.
+# Then `tree --drafter` fits the draft's top-k, depth and node count to this host on 12 built-in prompts
+# the demo never distilled (runs/eagle3-demo/tree.json, which eval and generate read from the folder),
+# and the same side-by-side timing as the demo's heads runs on the same 3 MT-Bench prompts.
 eagle3: setup
 	$(BIN)/medusaforge cache --config configs/demo-cache.yaml --overwrite
 	$(BIN)/medusaforge train --config configs/eagle3-demo.yaml --overwrite
+	$(BIN)/python -c "import json; from medusaforge.commands.distill import builtin_prompts; open('runs/eagle3-demo/calibration.jsonl', 'w').write(''.join(json.dumps({'messages': chat}) + '\\n' for chat in builtin_prompts('chitchat+instructions', 8, 0)[800:812]))"
+	$(BIN)/medusaforge tree --config configs/eagle3-demo-tree.yaml
 	$(BIN)/medusaforge eval --config configs/demo-mt-bench-eval.yaml --drafter runs/eagle3-demo --json runs/eagle3-demo/eval-mt-bench.json
 
 # vLLM on this CPU serves our drafters beside its own methods (issues 15, 20): makes .venv-vllm/

@@ -19,7 +19,7 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 def command_of(path: Path) -> str:
-    for command in ("distill", "cache", "eval"):
+    for command in ("distill", "cache", "eval", "tree"):
         if path.stem.endswith(command):
             return command
     return "train"  # *-train.yaml and the compare-* recipes
