@@ -220,7 +220,7 @@ def print_report(methods, steps, tokens, seconds, per_prompt, identical, num_pro
     plain = next((name for name in methods if name.startswith(PLAIN)), None)
     if plain is not None:  # drafting's own gain, with our per-step overhead against generate() taken out
         over_plain = ratio_spread(tokens, seconds, plain)
-        print(f"{plain}: {shown(spreads[plain])} HF greedy (our decoder's overhead per step); drafting rows over it: " + "  ".join(
+        print(f"{plain}: {shown(spreads[plain])} HF greedy (our decoder's own steps against generate()); drafting rows over it: " + "  ".join(
             f"{name.split(' (')[0]} {shown(over_plain[name])}" for name in methods if name not in (GREEDY, plain) and name in steps))
     for name, (sources, accepted, _) in steps.items():  # who supplied each step's accepted path
         if sources:
