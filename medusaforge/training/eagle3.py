@@ -20,6 +20,7 @@ import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from medusaforge.training.eagle3_loss import eagle3_losses, step_positions, step
 from medusaforge.training.budget import settle_budget
 from medusaforge.training.options import BaseModelOptions, BudgetOptions, DataOptions, OptimOptions, OutputOptions
 from medusaforge.training.setup import (
-    make_logger, open_metrics, optimizer_and_schedule, optimizer_step, peak_rss_bytes, plan_and_budget, prepare_output, resume,
+    held_out_point, make_logger, open_metrics, optimizer_and_schedule, optimizer_step, peak_rss_bytes, plan_and_budget, prepare_output, resume,
     training_target_counts,
 )
 
@@ -259,17 +260,9 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
             metrics_file.flush()
         step += 1
         if config.eval_every and step % config.eval_every == 0 and step < budget.total and eval_indices:
-            # A point on the convergence curve; its time is taken out of the training clock.
-            paused = time.perf_counter()
-            trained_seconds = paused - started
-            draft.eval()
-            interim = evaluate_draft(draft, source, eval_indices, config.batch_size, num_steps, device, autocast, context, config.chunk_size)
-            draft.train()
-            started += time.perf_counter() - paused
-            if context.is_main:
-                metrics_file.write(json.dumps({"step": step, "seconds": round(trained_seconds, 1),
-                                               "held_out_top1": interim["top1"], "held_out_loss": interim["loss"]}) + "\n")
-                metrics_file.flush()
+            evaluate = partial(evaluate_draft,
+                               draft, source, eval_indices, config.batch_size, num_steps, device, autocast, context, config.chunk_size)
+            started = held_out_point(draft, evaluate, metrics_file, step, started)
         extra = {"data_position": step * config.grad_accum, "world_size": context.world_size, "schedule": schedule,
                  "skipped_nonfinite": skipped_steps, "budget": budget.state(time.perf_counter() - started)}
         if config.save_every and step % config.save_every == 0 and step < budget.total:

@@ -34,7 +34,7 @@ from medusaforge.training.budget import settle_budget
 from medusaforge.training.loss import SoftTargets, default_head_weights, medusa_head_losses
 from medusaforge.training.options import BaseModelOptions, BudgetOptions, DataOptions, HeadOptions, OptimOptions, OutputOptions
 from medusaforge.training.setup import (
-    build_heads, make_logger, open_metrics, optimizer_and_schedule, optimizer_step, peak_rss_bytes, plan_and_budget, prepare_output,
+    build_heads, held_out_point, make_logger, open_metrics, optimizer_and_schedule, optimizer_step, peak_rss_bytes, plan_and_budget, prepare_output,
     resume, training_target_counts,
 )
 from medusaforge.training.sources import open_source
@@ -174,17 +174,9 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
             metrics_file.flush()
         step += 1
         if config.eval_every and step % config.eval_every == 0 and step < budget.total and eval_indices:
-            # A point on the convergence curve; its time is taken out of the training clock.
-            paused = time.perf_counter()
-            trained_seconds = paused - started
-            heads.eval()
-            interim = evaluate_heads(heads, source, eval_indices, config.batch_size, device, autocast, config.chunk_size, context)
-            heads.train()
-            started += time.perf_counter() - paused
-            if context.is_main:
-                metrics_file.write(json.dumps({"step": step, "seconds": round(trained_seconds, 1),
-                                               "held_out_top1": interim["top1"], "held_out_loss": interim["loss"]}) + "\n")
-                metrics_file.flush()
+            evaluate = partial(evaluate_heads,
+                               heads, source, eval_indices, config.batch_size, device, autocast, config.chunk_size, context)
+            started = held_out_point(heads, evaluate, metrics_file, step, started)
         extra = {"data_position": step * config.grad_accum, "world_size": context.world_size, "schedule": schedule,
                  "skipped_nonfinite": skipped_steps, "budget": budget.state(time.perf_counter() - started)}
         if config.save_every and step % config.save_every == 0 and step < budget.total:
