@@ -25,8 +25,8 @@ CLASSES = (IDENTICAL, NEAR_TIE, BUG)
 # (docs/benchmarks.md): rounding differences add up over 30 layers, to a few steps. (A spot check on
 # 300 tokens of the demo's replies: one-token and 4-token bf16 passes picked different tokens 8
 # times, each within 0.25, 1/130 of the top logit, of the top in a full pass.) The bf16 bound,
-# 2^-5 of the top logit (0.5-1.0 at logits of 16-32, 4-8 steps), covers every recorded near-tie and
-# stays below the gap of a wrong token, which on a trained model is logits, not steps.
+# 2^-5 of the top logit (0.5-1.0 at logits of 16-32, 4-8 steps), covers every recorded near-tie,
+# while a wrong token mostly lies whole logits below the top (and a bug shows on many outputs).
 # fp16 keeps 3 more bits than bf16, so its bound is 8x tighter. fp32 keeps 16 more bits, and every
 # recorded fp32 output was identical (80 of 80 MT-Bench): 2^-17 (1.5e-4 at a logit of 20) forgives
 # only a tie that fp32 itself cannot settle.
