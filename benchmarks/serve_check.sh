@@ -90,7 +90,7 @@ json.dump({'mt-bench': sets['mt-bench'][:n], 'copy-heavy': sets['copy-heavy'][:n
            'sweep': sets['mt-bench'][-2:] + sets['copy-heavy'][-2:]}, open(sys.argv[1], 'w'))" "$OUT/prompts.json" "$NUM_PROMPTS"
 # The EAGLE-3 rows: the draft `make eagle3` trains, exported to the engine layout for vLLM's `eagle3`,
 # and served as trained by our proposer.
-if [ -z "${EAGLE3_DRAFT:-}" ] && [ -z "${EAGLE3:-}" ] && [ -f runs/eagle3-demo/config.json ]; then
+if [ -z "${EAGLE3_DRAFT:-}" ] && [ -z "${EAGLE3:-}" ] && { [ -f runs/eagle3-demo/draft/config.json ] || [ -f runs/eagle3-demo/config.json ]; }; then
     EAGLE3_DRAFT=runs/eagle3-demo
 fi
 drafters=(--medusa "$OUT/heads-vllm" --ours-heads "$HEADS")
