@@ -37,8 +37,13 @@ install_vllm() {
 # ships only a source archive: it is built against the venv's torch (no build isolation, which would
 # fetch a CUDA torch), with the venv's Python named to CMake; a failure leaves the suffix row saying why.
 install_extras() {
-    if ! "$VLLM_VENV/bin/python" -c "import medusaforge, sys; sys.exit(not medusaforge.__file__.startswith('$PWD/'))" 2>/dev/null; then
-        "$VLLM_VENV/bin/python" -m pip install -q --no-deps -e .
+    # Checked from / : run from here, `python -c` would import the source folder itself and pass.
+    local venv_python has_ours
+    venv_python="$(cd "$VLLM_VENV" && pwd)/bin/python"
+    has_ours="import medusaforge, sys; sys.exit(not medusaforge.__file__.startswith('$PWD/'))"
+    if ! (cd / && "$venv_python" -c "$has_ours") 2>/dev/null; then
+        "$venv_python" -m pip install -q --no-deps -e .
+        (cd / && "$venv_python" -c "$has_ours")
     fi
     if [ ! -f "$VLLM_VENV/.arctic-tried" ]; then
         local start=$SECONDS
