@@ -180,7 +180,7 @@ def test_two_stage_recipe_lora_distill_with_merge(tmp_path, tiny_model_dir, monk
 
     stage1, stage2 = run_two_stages(
         tmp_path, tiny_model_dir, 40, ["--max-steps", "4", "--lr", "3e-3"],
-        ["--max-steps", "4", "--lr", "1e-2", "--heads-weight-schedule", "linear", "--merge"],
+        ["--max-steps", "4", "--lr", "1e-2", "--heads-weight-schedule", "linear", "--merge", "--eval-every", "1"],
     )
 
     summary = json.loads((stage2 / "summary.json").read_text())
@@ -188,6 +188,14 @@ def test_two_stage_recipe_lora_distill_with_merge(tmp_path, tiny_model_dir, monk
     assert quality["num_tokens"] > 0 and math.isfinite(quality["perplexity_after"])
     assert quality["perplexity_after"] != quality["perplexity_before"]  # the base did train
     metrics = [json.loads(line) for line in (stage2 / "metrics.jsonl").read_text().splitlines()]
+    # --eval-every 1: a held-out line after every step but the last (summary.json holds that one),
+    # the heads on the base as trained so far, with the training seconds so far.
+    interim = [line for line in metrics if "held_out_top1" in line]
+    assert [line["step"] for line in interim] == [1, 2, 3]
+    assert all(len(line["held_out_top1"]) == 2 and len(line["held_out_loss"]) == 2 for line in interim)
+    seconds = [line["seconds"] for line in interim]
+    assert seconds == sorted(seconds) and seconds[-1] <= summary["train_seconds"]
+    assert [line["step"] for line in metrics if "loss" in line] == [1, 2, 3, 4]
     assert metrics[0]["heads_weight"] == 0.0 and metrics[0]["base_loss"] == 0.0  # KL of the untouched base
     assert metrics[0]["lr_heads"] == pytest.approx(4 * metrics[0]["lr_base"])
 
@@ -243,6 +251,10 @@ def test_each_recipe_has_its_own_options(tmp_path):
         parse_command(["train", "--config", str(path)])
     with pytest.raises(ValueError, match="lm_head"):
         parse_config(Medusa2Config, ["--data", "x.jsonl", "--lora-target-modules", "q_proj", "lm_head"])
+    assert parse_config(Medusa2Config, ["--data", "x.jsonl", "--eval-every", "5"]).eval_every == 5
+    with pytest.raises(ValueError, match="--eval-every must be >= 0"):
+        parse_config(Medusa2Config, ["--data", "x.jsonl", "--eval-every", "-1"])
+    assert not hasattr(medusa2, "max_minutes")  # no time budget in this recipe (yet)
     path.write_text("mode: medusa2\nbase_train: partial\ndata: x.jsonl\n")
     with pytest.raises(ValueError, match=f"{path}: option .base_train.: .partial. is not one of"):
         parse_command(["train", "--config", str(path)])

@@ -24,6 +24,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,16 +39,16 @@ from medusaforge.training.distributed import DistributedContext
 from medusaforge.training.loss import default_head_weights, medusa_head_losses
 from medusaforge.training.medusa2_base import base_loss_sum, base_quality, make_lora_student, make_teacher, quality_report
 from medusaforge.training.medusa2_loss import HEADS_WEIGHT_SCHEDULES, heads_weight_at
-from medusaforge.training.options import BaseModelOptions, DataOptions, HeadOptions, OptimOptions, OutputOptions
+from medusaforge.training.options import BaseModelOptions, DataOptions, EvalOptions, HeadOptions, OptimOptions, OutputOptions
 from medusaforge.training.setup import (
-    build_heads, make_logger, micro_batches_of, open_metrics, optimizer_and_schedule, optimizer_step, prepare_output, resume,
+    build_heads, held_out_point, make_logger, micro_batches_of, open_metrics, optimizer_and_schedule, optimizer_step, prepare_output, resume,
     total_steps_of,
 )
 from medusaforge.training.sources import OnlineBatches
 
 
 @dataclass
-class Medusa2Config(OutputOptions, OptimOptions, HeadOptions, DataOptions, BaseModelOptions):
+class Medusa2Config(OutputOptions, EvalOptions, OptimOptions, HeadOptions, DataOptions, BaseModelOptions):
     """Train the base model (LoRA or full) jointly with Medusa heads (Medusa-2), usually from stage-1 heads."""
 
     lr: float = option(1e-3, "peak learning rate of the base (AdamW); the heads' is --lr * --heads-lr-multiplier")
@@ -72,6 +73,7 @@ class Medusa2Config(OutputOptions, OptimOptions, HeadOptions, DataOptions, BaseM
         self.check_heads()
         self.check_optim()
         self.check_output()
+        self.check_eval()
         if not 0.0 <= self.heads_weight_warmup_ratio <= 1.0:
             raise ValueError("--heads-weight-warmup-ratio must be in [0, 1]")
         if self.heads_lr_multiplier <= 0 or self.base_weight < 0 or self.heads_weight < 0:
@@ -140,6 +142,11 @@ def train(config: Medusa2Config) -> dict:
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, disable=not config.progress, desc="medusa2")
     base.train()  # LoRA dropout on; Llama-style decoders have no other dropout by default
     heads.train()
+    # --eval-every: the heads on the base as trained so far (adapters unmerged), both in eval mode
+    # for the evaluation (no LoRA dropout), then back to train mode.
+    evaluate = partial(evaluate_heads, heads, OnlineBatches(base, data, tokenizer.pad_token_id), eval_indices,
+                       config.batch_size, device, autocast, config.chunk_size)
+    base_and_heads = torch.nn.ModuleList([base, heads])
     started, tokens_seen = time.perf_counter(), 0
 
     # ---- the loop ----
@@ -186,9 +193,12 @@ def train(config: Medusa2Config) -> dict:
             lr_base, lr_heads = scheduler.get_last_lr()
             record = {"step": step + 1, "loss": loss_value, "base_loss": base_loss_value, "heads_loss": heads_loss_value,
                       "heads_weight": heads_weight, "lr_base": lr_base, "lr_heads": lr_heads, "grad_norm": grad_norm,
-                      "head_top1": head_top1.tolist(), "skipped": not finite, "tokens_per_s": tokens_seen / (time.perf_counter() - started)}
+                      "head_top1": head_top1.tolist(), "skipped": not finite, "tokens_per_s": tokens_seen / (time.perf_counter() - started),
+                      "seconds": round(time.perf_counter() - started, 1)}
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+        if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total_steps and eval_indices:
+            started = held_out_point(base_and_heads, evaluate, metrics_file, step + 1, started)
         extra = {"data_position": (step + 1) * config.grad_accum, "schedule": schedule, "skipped_nonfinite": skipped_steps}
         if step + 1 == total_steps or (config.save_every and (step + 1) % config.save_every == 0):
             write_checkpoint(out, step + 1, heads, optimizer, scheduler, extra, config.keep_last, context, trainable_base_tensors(base))

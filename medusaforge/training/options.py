@@ -95,13 +95,24 @@ class OutputOptions:
 
 
 @dataclass
-class BudgetOptions:
+class EvalOptions:
+    """Held-out points during training (setup.held_out_point), for convergence curves. Every recipe
+    has it; Medusa-2, which has no time budget, takes it without BudgetOptions."""
+
+    eval_every: int = option(0, "also evaluate the held-out split every N steps (a metrics.jsonl line with held_out_top1 and the training seconds so far, for convergence curves); its time counts neither as training time nor against --max-minutes, where the recipe has one")
+
+    def check_eval(self) -> None:
+        if self.eval_every < 0:
+            raise ValueError("--eval-every must be >= 0")
+
+
+@dataclass
+class BudgetOptions(EvalOptions):
     """How the Medusa-1 and EAGLE-3 recipes spend a CPU: micro-batches sized in tokens, and a time
     budget that decides how many of the planned steps run (training/batches.py, training/budget.py)."""
 
     batch_tokens: int | None = option(None, "micro-batch size in tokens: conversations of similar length grouped so that (longest x count) <= N; replaces --batch-size for training (held-out evaluation still uses --batch-size)")
     max_minutes: float | None = option(None, "time budget of the training loop: run as many of the planned steps (--max-steps or --epochs) as fit, with the LR decay fitted to them, so a slower host trains fewer steps, not longer")
-    eval_every: int = option(0, "also evaluate the held-out split every N steps (a metrics.jsonl line with held_out_top1 and the training seconds so far, for convergence curves); its time counts neither as training time nor against --max-minutes")
 
     def check_budget(self, max_length: int) -> None:
         if self.batch_tokens is not None and self.batch_tokens < max_length:
@@ -109,5 +120,4 @@ class BudgetOptions:
                              "longest allowed length would not fit in a micro-batch")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError("--max-minutes must be > 0")
-        if self.eval_every < 0:
-            raise ValueError("--eval-every must be >= 0")
+        self.check_eval()
