@@ -104,3 +104,44 @@ def test_token_batches_time_budget_and_soft_targets_end_to_end(tmp_path, tiny_mo
     summary = json.loads((budgeted / "summary.json").read_text())
     assert summary["steps"] < summary["planned_steps"] and summary["planned_steps"] >= 500
     assert len((budgeted / "metrics.jsonl").read_text().splitlines()) == summary["steps"]
+
+
+def test_head_loss_in_metrics_is_over_predictable_targets_with_a_truncated_vocabulary(tmp_path, tiny_model_dir, monkeypatch):
+    """With --head-vocab, metrics.jsonl's head_loss is the token loss averaged over the targets
+    inside the head's token map only, and head_outside is the share of targets outside it. Both are
+    recomputed by hand from the logits of the step's micro-batches, which a wrapper around the loss
+    sees as the recipe runs it (the heads only change after the step's last micro-batch)."""
+    from medusaforge.training import medusa1
+
+    num_heads = 2
+    loss_sums, inside, targets = (torch.zeros(num_heads, dtype=torch.float64) for _ in range(3))
+    real_loss = medusa1.medusa_head_losses
+
+    def recording_loss(heads, hidden, input_ids, loss_mask, chunk_size=512, **kwargs):
+        with torch.no_grad():
+            token_map = heads.token_map.tolist()
+            for k in range(num_heads):
+                offset = k + 2  # head k at position t predicts token t+k+2, where that token is a target
+                logits = heads.transform(hidden[:, :-offset], k) @ heads.projection_weight(k).T  # [B, T - offset, head_vocab]
+                for b, t in loss_mask[:, offset:].nonzero().tolist():
+                    token = int(input_ids[b, t + offset])
+                    targets[k] += 1
+                    if token in token_map:
+                        inside[k] += 1
+                        row = logits[b, t].double()
+                        loss_sums[k] += float(torch.logsumexp(row, -1) - row[token_map.index(token)])
+        return real_loss(heads, hidden, input_ids, loss_mask, chunk_size, **kwargs)
+
+    monkeypatch.setattr(medusa1, "medusa_head_losses", recording_loss)
+    monkeypatch.setenv("MEDUSAFORGE_CACHE", str(tmp_path / "cache"))
+    data = learnable_data(tmp_path / "data.jsonl", num_conversations=10)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--num-heads", str(num_heads),
+                 "--head-vocab", "6", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "1", "--eval-fraction", "0.2",
+                 "--progress", "false", "--dtype", "fp32"]) == 0
+    [line] = [json.loads(text) for text in (out / "metrics.jsonl").read_text().splitlines() if "head_loss" in text]
+    outside = 1 - inside / targets
+    # A 6-token map leaves a good share of targets outside it (else the two denominators would agree).
+    assert (inside > 0).all() and (outside > 0.05).all(), (inside, targets)
+    assert line["head_loss"] == pytest.approx((loss_sums / inside).tolist(), rel=1e-4)
+    assert line["head_outside"] == pytest.approx(outside.tolist(), rel=1e-5)
