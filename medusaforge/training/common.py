@@ -1,5 +1,5 @@
-"""Pieces shared by the Medusa-1 (train.py) and Medusa-2 (medusa2.py) recipes: data split and
-order, the LR schedule, output-folder rules, checkpoint writing and held-out evaluation.
+"""Pieces shared by the training recipes (medusa1.py, medusa2.py, eagle3.py): data split and order,
+the LR schedule, checkpoint writing and held-out evaluation of Medusa heads.
 
 Each is small and pure where it can be, so the recipes themselves read top to bottom.
 """
@@ -17,7 +17,6 @@ from medusaforge.training.batches import micro_batch_plan
 from medusaforge.training.checkpoint import checkpoint_name, list_checkpoints, prune_checkpoints, rng_state, save_checkpoint
 from medusaforge.training.distributed import DistributedContext, all_gather_objects, all_reduce_sum, barrier, placeholder_slice
 from medusaforge.training.loss import medusa_head_losses
-from medusaforge.files import refuse_non_empty
 from medusaforge.models import resolve_dtype
 
 
@@ -52,10 +51,6 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_lr_ra
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def refuse_to_overwrite(out: Path, overwrite: bool, resume: str | None) -> None:
-    refuse_non_empty(out, bool(overwrite or resume), hint="pass --overwrite to write into it or --resume to continue")
 
 
 def find_resume_checkpoint(out: Path, resume: str) -> list[Path]:
