@@ -44,10 +44,14 @@ class PlanOptions:
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """PlanOptions' flags, with the dataclass's defaults and help (defaults live in one place)."""
+    defaults, fields = PlanOptions(), PlanOptions.__dataclass_fields__
     parser.add_argument("--plan", type=lambda text: text.lower() in ("1", "true", "yes", "on"), nargs="?", const=True,
-                        default=False, help=PlanOptions.__dataclass_fields__["plan"].metadata["help"])
-    parser.add_argument("--plan-gpus", type=int, nargs="+", default=[1, 8], help="GPU counts to plan for (default: 1 8)")
-    parser.add_argument("--device-memory-gib", type=float, default=80.0, help="memory of one device in GiB (default: 80)")
+                        default=defaults.plan, help=fields["plan"].metadata["help"])
+    parser.add_argument("--plan-gpus", type=int, nargs="+", default=defaults.plan_gpus,
+                        help=f"{fields['plan_gpus'].metadata['help']} (default: {' '.join(map(str, defaults.plan_gpus))})")
+    parser.add_argument("--device-memory-gib", type=float, default=defaults.device_memory_gib,
+                        help=f"{fields['device_memory_gib'].metadata['help']} (default: {defaults.device_memory_gib:g})")
 
 
 def plan_options(argv: list[str]) -> PlanOptions:
