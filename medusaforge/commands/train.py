@@ -66,15 +66,13 @@ def plan_options(argv: list[str]) -> PlanOptions:
 def print_plan(name: str, config, options: PlanOptions) -> None:
     """The memory plan of recipe `name` with `config`, one table line per GPU count and layout."""
     from medusaforge.training.plan import format_rows, gib
-    from medusaforge.training.plan_model import plan
+    from medusaforge.training.plan_model import global_sequences, plan
 
     shape, trainable, rows, device_type = plan(name, config, options.plan_gpus)
     source = f"offline from {config.cache}" if config.cache else "online (the frozen base runs every micro-batch)"
     print(f"plan: {name} on {config.model} ({device_type}), {source}")
     print(f"  base: {shape.total_params:,} parameters ({shape.num_layers} layers of {shape.layer_params:,}), "
           f"held in fp32; trainable: {trainable:,} parameters, fp32 + AdamW")
-    from medusaforge.training.plan_model import global_sequences
-
     print(f"  micro-batch: {global_sequences(config)} sequences over all ranks x --max-length {config.max_length} "
           f"tokens, counted at full length (GiB per rank below)")
     for line in format_rows(rows, options.device_memory_gib):
