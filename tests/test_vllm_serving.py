@@ -76,6 +76,17 @@ def run_engine(root: Path, name: str, prompts, speculative_config, env) -> dict:
     return json.loads((root / f"{name}-out.json").read_text())
 
 
+def run_our_proposer(root: Path, name: str, prompts, drafter: Path, lookup: bool) -> tuple[dict, list[dict]]:
+    """vLLM with our custom-class proposer drafting from `drafter`, every draft logged -> (the engine's
+    outputs, one draft-log entry per drafted request and step)."""
+    log = root / f"{name}-drafts.jsonl"
+    env = {"MEDUSAFORGE_DRAFTER": str(drafter), "MEDUSAFORGE_LOOKUP": "1" if lookup else "0", "MEDUSAFORGE_MAX_BATCH": "8",
+           "MEDUSAFORGE_DRAFT_LOG": str(log)}
+    speculative_config = {"method": "custom_class", "model": PROPOSER, "num_speculative_tokens": NUM_HEADS}
+    ours = run_engine(root, name, prompts, speculative_config, env)
+    return ours, [json.loads(line) for line in log.read_text().splitlines()]
+
+
 def our_heads_chain(base, heads, tokens: list[int]) -> list[int]:
     """What our heads draft after `tokens` (the last one is the root, not yet run): their argmax
     chain on the base's final hidden state at the position before the root."""
@@ -86,14 +97,9 @@ def our_heads_chain(base, heads, tokens: list[int]) -> list[int]:
 
 def test_our_proposer_in_vllm_equals_plain_and_drafts_our_chains(setup):
     root = setup["root"]
-    log = root / "drafts.jsonl"
-    env = {"MEDUSAFORGE_DRAFTER": str(root / "heads"), "MEDUSAFORGE_LOOKUP": "1", "MEDUSAFORGE_MAX_BATCH": "8",
-           "MEDUSAFORGE_DRAFT_LOG": str(log)}
-    ours = run_engine(root, "custom", setup["prompts"], {"method": "custom_class", "model": PROPOSER,
-                                                         "num_speculative_tokens": NUM_HEADS}, env)
+    ours, entries = run_our_proposer(root, "custom", setup["prompts"], root / "heads", lookup=True)
     assert ours["token_ids"] == setup["plain"]["token_ids"]
     assert ours["drafter"]["class"] == "MedusaforgeProposer"
-    entries = [json.loads(line) for line in log.read_text().splitlines()]
     # The first step prefills every prompt, in the order they were added.
     order = list(dict.fromkeys(e["req_id"] for e in entries))
     assert len(order) == 3
@@ -138,13 +144,8 @@ def test_our_proposer_with_an_eagle3_draft_equals_plain_and_drafts_its_greedy_ch
     for name, parameter in draft.named_parameters():
         parameter.data.normal_(std=0.5 if "norm" not in name else 0.1).add_(1.0 if "norm" in name else 0.0)
     draft.eval().save(root / "eagle3" / "draft")  # a `train --method eagle3` output folder
-    log = root / "eagle3-drafts.jsonl"
-    env = {"MEDUSAFORGE_DRAFTER": str(root / "eagle3"), "MEDUSAFORGE_LOOKUP": "0", "MEDUSAFORGE_MAX_BATCH": "8",
-           "MEDUSAFORGE_DRAFT_LOG": str(log)}
-    ours = run_engine(root, "eagle3", setup["prompts"], {"method": "custom_class", "model": PROPOSER,
-                                                         "num_speculative_tokens": NUM_HEADS}, env)
+    ours, entries = run_our_proposer(root, "eagle3", setup["prompts"], root / "eagle3", lookup=False)
     assert ours["token_ids"] == setup["plain"]["token_ids"]
-    entries = [json.loads(line) for line in log.read_text().splitlines()]
     order = list(dict.fromkeys(e["req_id"] for e in entries))
     assert {e["source"] for e in entries} == {EAGLE3}
     checked = 0
