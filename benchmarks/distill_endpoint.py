@@ -33,8 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vllm_server import vllm_server  # noqa: E402
 
 from medusaforge.commands import distill  # noqa: E402
-from medusaforge.data.distilled import done_keys, read_distilled  # noqa: E402
-from medusaforge.data.distilled import prompt_of  # noqa: E402
+from medusaforge.data.distilled import done_keys, prompt_of, read_distilled  # noqa: E402
 from medusaforge.models import load_base_model, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path  # noqa: E402
 
 MODES = ("vllm", "builtin")
