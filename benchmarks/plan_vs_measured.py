@@ -66,7 +66,7 @@ def main() -> None:
                 "--max-steps", str(args.steps), "--eval-fraction", "0", "--device", "cpu", "--dtype", args.dtype,
                 "--progress", "false"]
         _, config, _ = parse_command(argv)
-        shape, trainable, rows, _ = plan(args.recipe, config, [1])
+        _, trainable, rows, _ = plan(args.recipe, config, [1])
         row = rows[0]
         baseline = baseline_rss(args.recipe)
         subprocess.run([sys.executable, "-m", "medusaforge.cli", *argv], check=True)
