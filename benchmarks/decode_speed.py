@@ -122,7 +122,7 @@ def build_methods(args, parser, rows: list[str]):
 
     def ours(name: str, tree: list[list[int]], tree_file=None, lookup: bool = False, proposer=None, drafting: bool = True):
         """A row decoded as `medusaforge generate` does, with its own adaptive-drafting rule and timings."""
-        adaptive = adaptive_drafting(tree_file, args.adaptive) if drafting else None
+        adaptive = adaptive_drafting(tree_file, args.adaptive, base.dtype) if drafting else None
         lookup_proposer = LookupProposer(num_tokens=args.lookup_tokens) if lookup else None
         steps[name] = ([], [], [])
 

@@ -69,10 +69,10 @@ def test_expected_accept_by_size_uses_only_steps_that_drafted_that_many():
     assert candidate_sizes(7) == [0, 1, 2, 4, 7] and candidate_sizes(0) == [0]
 
 
-def run_rule(rule, accepted_per_step, full=7, seconds=lambda n: 0.1 + 0.01 * n):
+def run_rule(rule, accepted_per_step, full=7, seconds=lambda n: 0.1 + 0.01 * n, steps=40):
     """Drive the rule as the decoder does; accepted_per_step(step) -> accepted node indices at full size."""
     sizes = []
-    for step in range(40):
+    for step in range(steps):
         size = rule.next_size()
         drafted = full if size is None else size
         nodes = [n for n in accepted_per_step(step) if n <= drafted]
@@ -90,11 +90,22 @@ def test_rule_keeps_drafting_while_it_pays():
     assert all(size == (7 if (i + 1) % 8 == 0 or i == 0 else 4) for i, size in enumerate(sizes))
 
 
-def test_rule_stops_drafting_when_nothing_is_accepted_and_probes_every_8th_step():
+def test_rule_stops_drafting_when_nothing_is_accepted_and_backs_off_its_probes():
     rule = AdaptiveDrafting(StepCost(0.1, 0.01), plain_seconds=0.1)
-    sizes = run_rule(rule, lambda step: [0])
-    assert sizes[0] == 7 and all(sizes[i] == 0 for i in range(1, 40) if (i + 1) % 8)
-    assert [sizes[i] for i in range(7, 40, 8)] == [7] * 5  # the probes
+    sizes = run_rule(rule, lambda step: [0], steps=200)
+    # step 1 drafts (nothing known yet); each probe that finds nothing doubles the wait: 8, 16, 32,
+    # 64, then 64 again (the cap) -> probes at steps 8, 24, 56, 120, 184
+    probes = [i + 1 for i, size in enumerate(sizes) if size == 7]
+    assert probes == [1, 8, 24, 56, 120, 184]
+    assert sizes.count(0) == 200 - len(probes)
+
+
+def test_a_probe_that_pays_brings_probing_back_to_every_8th_step():
+    rule = AdaptiveDrafting(StepCost(0.1, 0.01), plain_seconds=0.1)
+    # nothing accepted until step 56's probe (index 55), all 7 nodes accepted from then on
+    sizes = run_rule(rule, lambda step: [0] if step < 55 else [0, 1, 2, 3, 4, 5, 6, 7], steps=80)
+    assert [i + 1 for i, size in enumerate(sizes[:55]) if size == 7] == [1, 8, 24]
+    assert sizes[55:] == [7] * 25
 
 
 def test_rule_shrinks_to_the_nodes_that_are_accepted():
@@ -126,3 +137,18 @@ def test_rule_stops_a_drafter_whose_fixed_cost_does_not_pay():
 
     sizes = run_rule(AdaptiveDrafting(), lambda step: [0, 1] if step % 5 < 3 else [0], full=16, seconds=seconds)
     assert sizes[-8:].count(0) >= 7
+
+
+def test_only_a_probe_turns_drafting_back_on():
+    # Own timings. A 7-node draft costs 0.8 s and accepts 1 node (2 tokens: 2.5 tok/s), a plain step
+    # 0.1 s, except on steps 30-45, when the host is busy and a plain step takes 1 s (1 tok/s): a rule
+    # that re-decided on plain steps would start drafting there, a step after the slow timings came in.
+    step_number = iter(range(1, 1000))
+
+    def seconds(n):
+        step = next(step_number)
+        return 0.1 + 0.1 * n if n else (1.0 if 30 <= step <= 45 else 0.1)
+
+    sizes = run_rule(AdaptiveDrafting(), lambda step: [0, 1], seconds=seconds, steps=60)
+    # steps 1-6 alternate drafting and plain (three plain timings), then the probes at 8, 24 and 56
+    assert [i + 1 for i, size in enumerate(sizes) if size] == [1, 3, 5, 8, 24, 56]

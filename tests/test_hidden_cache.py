@@ -158,6 +158,24 @@ def test_offline_training_gives_the_online_losses(tmp_path, tiny_model_dir, isol
     shutil.rmtree(tmp_path / "cache16")
 
 
+def test_held_out_cache_is_the_whole_held_out_set_and_all_of_the_training_data_trains(tmp_path, tiny_model_dir, isolated_cache):
+    from medusaforge.drafters.medusa_heads import load_heads
+    from medusaforge.training.common import evaluate_heads
+    from medusaforge.training.sources import OfflineBatches
+
+    make_cache(tiny_model_dir, learnable_data(tmp_path / "train.jsonl", num_conversations=12), tmp_path / "train-cache")
+    make_cache(tiny_model_dir, learnable_data(tmp_path / "held.jsonl", num_conversations=5, seed=7), tmp_path / "held-cache")
+    _, summary = train_losses(["--model", str(tiny_model_dir), "--cache", str(tmp_path / "train-cache"),
+                               "--held-out-cache", str(tmp_path / "held-cache")], tmp_path, "run")
+    # --eval-fraction 0.25 is set, but a held-out cache replaces the split: all 12 train, all 5 held out
+    assert (summary["train_conversations"], summary["eval_conversations"]) == (12, 5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    heads = load_heads(tmp_path / "run" / "heads", base=base).eval()
+    expected = evaluate_heads(heads, OfflineBatches(HiddenCache(tmp_path / "held-cache")), list(range(5)), 4, "cpu",
+                              torch.autocast("cpu", enabled=False), 512)
+    assert summary["held_out"]["top1"] == pytest.approx(expected["top1"]) and summary["held_out"]["loss"] == pytest.approx(expected["loss"])
+
+
 def test_eagle3_features_are_the_base_hidden_states_at_the_chosen_layers(tmp_path, tiny_model_dir, isolated_cache, capsys):
     data = learnable_data(tmp_path / "data.jsonl", num_conversations=6)
     make_cache(tiny_model_dir, data, tmp_path / "cache", "--cache-dtype", "fp32", "--feature-layers", "0", "2", "1")

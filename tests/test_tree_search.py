@@ -87,5 +87,6 @@ def test_tree_command_writes_a_loadable_tree_with_its_fitted_cost(tmp_path, monk
     accept = {row["nodes"]: row["expected_accept_length"] for row in summary["sizes"] if row["nodes"]}
     best = max(accept, key=lambda n: (accept[n] / plain_10ms_drafted_2ms_plus_half_per_node(n), -n))
     assert summary["chosen"]["nodes"] == best > 0 and len(paths) == metadata["num_nodes"] == best
-    rule = adaptive_drafting(out)
+    rule = adaptive_drafting(out, dtype=torch.float32)  # the dtype the file was timed in
     assert rule.given_cost == StepCost(0.002, 0.0005) and rule.given_plain == 0.010
+    assert metadata["dtype"] == "float32" and adaptive_drafting(out, dtype=torch.bfloat16).given_cost is None  # timed anew

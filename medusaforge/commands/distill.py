@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from medusaforge.config import dtype_option, option
 from medusaforge.files import atomic_file
+from medusaforge.data.chitchat import chitchat_conversations
 from medusaforge.data.conversations import read_conversations
 from medusaforge.data.distilled import distilled_record
 from medusaforge.data.endpoint import EndpointSettings, distill_through_endpoint
@@ -77,18 +78,11 @@ class DistillConfig:
 
 def chitchat_prompts(min_chars: int, seed: int) -> list[list[dict]]:
     """First messages of the chitchat-dataset conversations (real people opening a chat), shuffled."""
-    import importlib.util
     import random
 
-    spec = importlib.util.find_spec("chitchat_dataset")
-    if spec is None:
-        raise RuntimeError("the 'chitchat' source needs the PyPI package chitchat-dataset (pip install chitchat-dataset)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
-    conversations = json.loads(path.read_text())
     prompts, seen = [], set()
-    for key in sorted(conversations):
-        first_message = conversations[key]["messages"][0]
-        text = " ".join(utterance["text"].strip() for utterance in first_message).strip()
+    for conversation in chitchat_conversations():
+        text = " ".join(message.strip() for message in conversation[0]).strip()
         # Openers like "hello!" repeat; duplicates would leak held-out prompts into training.
         if len(text) >= min_chars and text.lower() not in seen:
             seen.add(text.lower())

@@ -141,7 +141,7 @@ def run(config: EvalConfig) -> dict:
     print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, {shape}", flush=True)
 
     lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup and eagle3 is None else None
-    adaptive = adaptive_drafting(tree_file, config.adaptive)
+    adaptive = adaptive_drafting(tree_file, config.adaptive, base.dtype)
     if not tree and lookup is None:
         print("the tree file says no draft beats plain decoding here: decoding without drafting", flush=True)
 

@@ -75,7 +75,7 @@ def run(config: GenerateConfig) -> None:
     chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
     generator = torch.Generator(device=base.device).manual_seed(config.seed)
     lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup and eagle3 is None else None
-    adaptive = adaptive_drafting(tree_file, config.adaptive)  # an EAGLE-3 tree file carries its step cost too
+    adaptive = adaptive_drafting(tree_file, config.adaptive, base.dtype)  # an EAGLE-3 tree file carries its step cost too
     for messages in chats:
         input_ids = encode_prompt(tokenizer, messages, chat=config.chat).to(base.device)
         start = time.perf_counter()

@@ -17,12 +17,13 @@ the base model's own, so no reply the heads trained on is an answer in this set.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from medusaforge.data.chitchat import chitchat_conversations, turn_texts
 
 # MT-Bench first turns that paste their working text after the first line.
 MT_BENCH_CATEGORIES = ("extraction",)
@@ -65,10 +66,10 @@ def copy_heavy_prompts(mt_bench_file: Path) -> list[CopyPrompt]:
     """Every prompt of the set, in a fixed order: one of each kind in turn (MT-Bench, extract,
     rewrite, question) until a kind runs out.
     mt_bench_file: MT-Bench's question.jsonl (data/prompts.py finds the installed one)."""
-    conversations = _chitchat_conversations()
+    conversations = chitchat_conversations()
     rng = random.Random(SEED)
     transcripts = [t for t in map(_transcript, conversations) if TRANSCRIPT_CHARS[0] <= len(t) <= TRANSCRIPT_CHARS[1]]
-    paragraphs = sorted({p for c in conversations for p in _messages(c) if PARAGRAPH_CHARS[0] <= len(p) <= PARAGRAPH_CHARS[1]})
+    paragraphs = sorted({p for c in conversations for p in turn_texts(c) if PARAGRAPH_CHARS[0] <= len(p) <= PARAGRAPH_CHARS[1]})
     picked = rng.sample(transcripts, NUM_EXTRACT + NUM_QUESTION)
     kinds = [
         _mt_bench_prompts(mt_bench_file),
@@ -95,20 +96,6 @@ def _mt_bench_prompts(path: Path) -> list[CopyPrompt]:
     return prompts
 
 
-def _chitchat_conversations() -> list[list[list[str]]]:
-    """Every chitchat-dataset conversation (sorted by id) as turns of one speaker's messages."""
-    spec = importlib.util.find_spec("chitchat_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("prompts 'copy-heavy' need the PyPI package chitchat-dataset: pip install chitchat-dataset")
-    path = Path(list(spec.submodule_search_locations)[0]) / "dataset.json"
-    data = json.loads(path.read_text())
-    return [[[u["text"] for u in turn] for turn in data[key]["messages"]] for key in sorted(data)]
-
-
-def _messages(conversation: list[list[str]]) -> list[str]:
-    return [" ".join(turn).strip() for turn in conversation]
-
-
 def _transcript(conversation: list[list[str]]) -> str:
     # Speakers alternate turns in the dataset; A opens.
-    return "\n".join(f"{'AB'[i % 2]}: {message}" for i, message in enumerate(_messages(conversation)))
+    return "\n".join(f"{'AB'[i % 2]}: {message}" for i, message in enumerate(turn_texts(conversation)))

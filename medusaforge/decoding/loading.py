@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -52,12 +53,19 @@ def pick_tree(tree: Path | None, num_heads: int) -> list[list[int]]:
     return load_tree(tree) if tree is not None else default_tree(num_heads)
 
 
-def adaptive_drafting(tree: Path | None, enabled: bool = True) -> AdaptiveDrafting | None:
+def adaptive_drafting(tree: Path | None, enabled: bool = True, dtype: torch.dtype | None = None) -> AdaptiveDrafting | None:
     """The adaptive drafting rule for a decode run, or None when turned off. A tree file written by
-    `medusaforge tree` carries its fitted step cost; without one the decoder times its own steps."""
+    `medusaforge tree` carries its fitted step cost; without one, or when it was timed in another
+    dtype than `dtype` (the one decoding now), the decoder times its own steps: in fp32 a tree pass
+    costs far more against a plain step than in bf16, and bf16's costs would keep a losing draft on."""
     if not enabled:
         return None
     metadata = load_tree_metadata(tree) if tree is not None else {}
+    timed_in = metadata.get("dtype")
+    if dtype is not None and timed_in and timed_in != str(dtype).removeprefix("torch."):
+        print(f"adaptive drafting: {tree} was timed in {timed_in}, decoding runs in {str(dtype).removeprefix('torch.')}: "
+              "timing this run's own steps instead", file=sys.stderr)
+        return AdaptiveDrafting()
     step_cost, plain_ms = metadata.get("step_cost"), metadata.get("plain_step_ms")
     if isinstance(step_cost, dict) and plain_ms:
         cost = StepCost(step_cost["fixed_ms"] / 1000, step_cost["per_node_ms"] / 1000)

@@ -37,7 +37,7 @@ from medusaforge.training.setup import (
     build_heads, held_out_point, make_logger, open_metrics, optimizer_and_schedule, optimizer_step, peak_rss_bytes, plan_and_budget, prepare_output,
     resume, training_target_counts,
 )
-from medusaforge.training.sources import open_source
+from medusaforge.training.sources import held_out_source, open_source
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Medusa1Config(OutputOptions, BudgetOptions, OptimOptions, HeadOptions, Dat
     cache: Path | None = option(None, "train offline from a `medusaforge cache` folder: the base model is never run (--model must be the one that made it)")
     head_vocab: int | None = option(None, "heads project to the N most frequent target tokens of the training split (vLLM truncated_vocab_size); off by default")
     fsdp_base: bool = option(False, "under torchrun, shard the frozen base across ranks with FSDP2 (for bases too big for one device)")
+    held_out_cache: Path | None = option(None, "a second `medusaforge cache` folder whose conversations are all held out, in place of --eval-fraction of the training data: recipes trained on different data are then compared on the same text")
     soft_targets: float = option(0.0, "share of each head's loss taken against the base's own distribution of the target token, softmax(lm_head h_{t+k+1}), instead of the token itself: 0 tokens only, 1 the distribution only, between both (computed from the hidden states, no extra base pass)")
 
     def validate(self) -> None:
@@ -78,7 +79,12 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
     # ---- hidden states, data, heads, optimizer, schedule, resume ----
     setup = open_source(config, context, log)
     source, data = setup.source, setup.data
-    train_indices, eval_indices = split_examples(len(data), config.eval_fraction, config.seed)
+    if config.held_out_cache is not None:
+        train_indices, _ = split_examples(len(data), 0.0, config.seed)
+        eval_source, eval_indices = held_out_source(config.held_out_cache, config.model, log)
+    else:
+        train_indices, eval_indices = split_examples(len(data), config.eval_fraction, config.seed)
+        eval_source = source
     log(f"data: {len(data)} conversations ({len(train_indices)} train, {len(eval_indices)} held out), "
         f"{data.num_loss_tokens()} assistant tokens, {data.num_invalid} invalid records skipped")
     counts = training_target_counts(data, train_indices, setup.lm_head_weight.shape[0]) if config.head_vocab else None
@@ -175,7 +181,7 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
         step += 1
         if config.eval_every and step % config.eval_every == 0 and step < budget.total and eval_indices:
             evaluate = partial(evaluate_heads,
-                               heads, source, eval_indices, config.batch_size, device, autocast, config.chunk_size, context)
+                               heads, eval_source, eval_indices, config.batch_size, device, autocast, config.chunk_size, context)
             started = held_out_point(heads, evaluate, metrics_file, step, started)
         extra = {"data_position": step * config.grad_accum, "world_size": context.world_size, "schedule": schedule,
                  "skipped_nonfinite": skipped_steps, "budget": budget.state(time.perf_counter() - started)}
@@ -194,7 +200,7 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
     if context.is_main:
         heads.save(out / "heads")
     heads.eval()
-    held_out = evaluate_heads(heads, source, eval_indices, config.batch_size, device, autocast, config.chunk_size, context) if eval_indices else None
+    held_out = evaluate_heads(heads, eval_source, eval_indices, config.batch_size, device, autocast, config.chunk_size, context) if eval_indices else None
     summary = {
         "model": heads.config.base_model, "data": str(config.data), "num_heads": num_heads, "num_layers": heads.config.num_layers,
         "steps": total_steps, "train_conversations": len(train_indices), "eval_conversations": len(eval_indices),
@@ -202,7 +208,8 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
         "hidden_states": str(config.cache) if config.cache else "online", "head_vocab_coverage": head_vocab_coverage,
         "nonfinite_steps_skipped": skipped_steps, "world_size": context.world_size, "held_out": held_out,
         "planned_steps": budget.planned_steps, "max_minutes": config.max_minutes, "batch_tokens": config.batch_tokens,
-        "soft_targets": config.soft_targets, "peak_rss_bytes": peak_rss_bytes(),
+        "soft_targets": config.soft_targets, "held_out_cache": str(config.held_out_cache) if config.held_out_cache else None,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
     if not context.is_main:
         return summary

@@ -93,3 +93,11 @@ def open_source(config, context: DistributedContext, log) -> SourceSetup:
     log(f"offline: hidden states from {config.cache} (max_length {cache.identity['max_length']}); the base model is not run")
     return SourceSetup(OfflineBatches(cache), cache.data, None, read_lm_head_weight(config.model).to(device),
                        cache.identity["model"], cache.identity["base_fingerprint"], 0)
+
+
+def held_out_source(folder, model: str, log) -> tuple[OfflineBatches, list[int]]:
+    """A cache whose every conversation is held out (--held-out-cache): made by the same --model."""
+    cache = HiddenCache(folder)
+    cache.check_model(model)
+    log(f"held out: all {len(cache.data)} conversations of {folder}")
+    return OfflineBatches(cache), list(range(len(cache.data)))
