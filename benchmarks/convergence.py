@@ -70,7 +70,7 @@ def labelled(value: str, parts: int) -> list[str]:
     return fields
 
 
-def plot(curves: dict[str, list[Point]], accepts: dict[str, list[tuple[float, float]]], path: Path) -> None:
+def plot(curves: dict[str, list[Point]], accepts: dict[str, list[tuple[float, float]]], path: Path, total_cpu: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a training host
@@ -80,7 +80,8 @@ def plot(curves: dict[str, list[Point]], accepts: dict[str, list[tuple[float, fl
     top1_axis = axes[0][0]
     for label, points in curves.items():
         top1_axis.plot([m for _, m, _ in points], [t for _, _, t in points], marker="o", label=label)
-    top1_axis.set_xlabel("training minutes on this CPU (held-out evaluation excluded)")
+    top1_axis.set_xlabel("CPU minutes: generation and caching, then training" if total_cpu
+                         else "training minutes on this CPU (held-out evaluation excluded)")
     top1_axis.set_ylabel("held-out top-1, head 0 / draft step 0")
     top1_axis.grid(alpha=0.3)
     top1_axis.legend()
@@ -88,7 +89,7 @@ def plot(curves: dict[str, list[Point]], accepts: dict[str, list[tuple[float, fl
         accept_axis = axes[0][1]
         for label, points in accepts.items():
             accept_axis.plot([m for m, _ in points], [a for _, a in points], marker="s", label=label)
-        accept_axis.set_xlabel("training minutes on this CPU")
+        accept_axis.set_xlabel("CPU minutes: generation and caching, then training" if total_cpu else "training minutes on this CPU")
         accept_axis.set_ylabel("accept length (tokens per verify step)")
         accept_axis.grid(alpha=0.3)
         accept_axis.legend()
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run", action="append", required=True, type=lambda v: labelled(v, 2), help="LABEL=RUN_DIR (repeatable)")
     parser.add_argument("--after", action="append", default=[], type=lambda v: labelled(v, 2),
                         help="LABEL=STAGE1_DIR: LABEL's run started from that run's heads; its training minutes are added to LABEL's points")
+    parser.add_argument("--offset", action="append", default=[], type=lambda v: labelled(v, 2),
+                        help="LABEL=MINUTES: CPU minutes spent before LABEL's training (generating and caching its data), added to its "
+                             "points, so recipes are compared at total CPU time")
     parser.add_argument("--accept", action="append", default=[], type=lambda v: labelled(v, 3),
                         help="LABEL=MINUTES=EVAL_JSON: accept length of `medusaforge eval --json` after MINUTES of training (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("docs/convergence.png"))
@@ -116,11 +120,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--after {label}=...: no --run is labelled {label!r}")
         offset = float(json.loads((Path(stage1) / "summary.json").read_text())["train_seconds"]) / 60
         curves[label] = [(step, minutes + offset, top1) for step, minutes, top1 in curves[label]]
+    for label, minutes in args.offset:
+        if label not in curves:
+            parser.error(f"--offset {label}=...: no --run is labelled {label!r}")
+        curves[label] = [(step, m + float(minutes), top1) for step, m, top1 in curves[label]]
     accepts: dict[str, list[tuple[float, float]]] = {}
     for label, minutes, eval_json in args.accept:
         accepts.setdefault(label, []).append((float(minutes), float(json.loads(Path(eval_json).read_text())["accept_length"])))
     accepts = {label: sorted(points) for label, points in accepts.items()}
-    plot(curves, accepts, args.out)
+    plot(curves, accepts, args.out, total_cpu=bool(args.offset))
 
     print(f"{'run':<16} {'step':>6} {'minutes':>8} {'top-1':>6}")
     for label, points in curves.items():

@@ -75,5 +75,8 @@ def test_main_writes_the_png_and_prints_the_table(tmp_path, capsys):
     assert table[3].split() == ["Medusa-1", "5", "0.25", "0.500"]
     assert table[4].split() == ["Second", "2", "0.35", "0.250"]  # 0.10 + stage 1's 0.25 minutes
     assert table[5].split() == ["Medusa-1", "accept", "0.25", "1.750"]
+    # --offset: minutes spent generating and caching a run's data, added to its points
+    convergence.main(["--run", f"Medusa-1={medusa}", "--offset", "Medusa-1=2.5", "--out", str(out)])
+    assert capsys.readouterr().out.splitlines()[1].split() == ["Medusa-1", "2", "2.60", "0.250"]
     with pytest.raises(SystemExit):
         convergence.main(["--run", "no-equals-sign"])
