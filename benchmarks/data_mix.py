@@ -31,8 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from medusaforge.data.chitchat import human_chats
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate
@@ -84,7 +82,6 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--out", type=Path, default=Path("runs/data-mix"))
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     args.out.mkdir(parents=True, exist_ok=True)
 
     distilled = [json.loads(line) for line in args.distilled.read_text().splitlines() if line.strip()]

@@ -61,9 +61,9 @@ def adaptive_drafting(tree: Path | None, enabled: bool = True, dtype: torch.dtyp
     if not enabled:
         return None
     metadata = load_tree_metadata(tree) if tree is not None else {}
-    timed_in = metadata.get("dtype")
-    if dtype is not None and timed_in and timed_in != str(dtype).removeprefix("torch."):
-        print(f"adaptive drafting: {tree} was timed in {timed_in}, decoding runs in {str(dtype).removeprefix('torch.')}: "
+    timed_in, decoding_in = metadata.get("dtype"), str(dtype).removeprefix("torch.")
+    if dtype is not None and timed_in and timed_in != decoding_in:
+        print(f"adaptive drafting: {tree} was timed in {timed_in}, decoding runs in {decoding_in}: "
               "timing this run's own steps instead", file=sys.stderr)
         return AdaptiveDrafting()
     step_cost, plain_ms = metadata.get("step_cost"), metadata.get("plain_step_ms")

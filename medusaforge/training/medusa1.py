@@ -80,7 +80,7 @@ def train_on(config: Medusa1Config, context: DistributedContext) -> dict:
     setup = open_source(config, context, log)
     source, data = setup.source, setup.data
     if config.held_out_cache is not None:
-        train_indices, _ = split_examples(len(data), 0.0, config.seed)
+        train_indices = list(range(len(data)))
         eval_source, eval_indices = held_out_source(config.held_out_cache, config.model, log)
     else:
         train_indices, eval_indices = split_examples(len(data), config.eval_fraction, config.seed)
