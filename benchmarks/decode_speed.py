@@ -142,13 +142,16 @@ def build_methods(args, parser, rows: list[str]):
         ours(f"{PLAIN} (plain steps)", [], drafting=False)
     if "heads" in rows:
         ours(f"medusa default tree ({len(default)} nodes)", default)
-    if "searched" in rows and args.tree:
-        searched = load_tree(args.tree)
+    searched = load_tree(args.tree) if args.tree else None
+    if "searched" in rows and searched is not None:
         ours(f"medusa searched tree ({f'{len(searched)} nodes' if searched else 'no drafting'})", searched, Path(args.tree))
     if "lookup" in rows:
         ours(f"lookup alone ({args.lookup_tokens})", [], lookup=True)
-    if "hybrid" in rows:
-        ours(f"hybrid: default tree + lookup ({args.lookup_tokens})", default, lookup=True)
+    if "hybrid" in rows:  # the heads' tree that generate would use: --tree when given, else the default
+        if searched is not None:
+            ours(f"hybrid: searched tree + lookup ({args.lookup_tokens})", searched, Path(args.tree), lookup=True)
+        else:
+            ours(f"hybrid: default tree + lookup ({args.lookup_tokens})", default, lookup=True)
     if "eagle3" in rows and args.eagle3:
         folder = find_eagle3_folder(args.eagle3)
         if folder is None:
