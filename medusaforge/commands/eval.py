@@ -23,7 +23,7 @@ from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
 from medusaforge.decoding.decoder import DecodeResult, medusa_generate, speculative_generate
 from medusaforge.decoding.identity import BUG, count_outputs, judge_parting, outputs_line, verdict
 from medusaforge.decoding.loading import (
-    adaptive_drafting, eagle_tree_file, hf_greedy, hf_prompt_lookup, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids,
+    adaptive_drafting, fitted_tree_file, hf_greedy, hf_prompt_lookup, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids,
 )
 from medusaforge.drafters.eagle3_proposer import DynamicTree
 from medusaforge.interop.eagle3_layout import find_eagle3_folder
@@ -47,7 +47,7 @@ class EvalConfig:
     eagle_depth: int = option(DynamicTree.depth, "EAGLE-3 tree: draft steps at most")
     eagle_nodes: int = option(DynamicTree.num_nodes, "EAGLE-3 tree: candidate nodes verified per step")
     max_new_tokens: int = option(128, "tokens to generate per prompt")
-    tree: Path | None = option(None, "tree JSON; default: the shipped tree for the head count; with an EAGLE-3 --drafter DIR: DIR/tree.json when present (`tree --drafter DIR --out DIR/tree.json` writes it)")
+    tree: Path | None = option(None, "tree JSON; default: the heads' or EAGLE-3 folder's tree.json when present (`medusaforge tree ... --out DIR/tree.json` writes it), else the shipped tree for the head count")
     adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
     lookup: bool = option(True, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged "
                                 "into the heads' tree (faster on every prompt set measured; an EAGLE-3 --drafter decodes without it)")
@@ -121,8 +121,8 @@ def write_histogram(accept_lengths: list[int], path: Path, title: str) -> bool:
 
 def run(config: EvalConfig) -> dict:
     eagle3 = find_eagle3_folder(config.drafter)
-    # An EAGLE-3 drafter's fitted tree (DIR/tree.json from `tree --drafter`) is used unless --tree names another.
-    tree_file = eagle_tree_file(config.drafter, config.tree) if eagle3 is not None else config.tree
+    # The drafter's fitted tree (DIR/tree.json from `medusaforge tree`) is used unless --tree names another.
+    tree_file = fitted_tree_file(config.drafter or config.heads, config.tree)
     if eagle3 is not None:
         tokenizer, base, proposer, eagle_tree = load_eagle3_drafter(
             config.model, eagle3, tree_file, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
@@ -132,7 +132,7 @@ def run(config: EvalConfig) -> dict:
     else:
         heads_dir = config.drafter or config.heads
         tokenizer, base, heads = load_for_decoding(config.model, heads_dir, config.dtype, config.device, config.allow_other_base)
-        tree, depth = pick_tree(config.tree, heads.num_heads), heads.num_heads
+        tree, depth = pick_tree(tree_file, heads.num_heads), heads.num_heads
     eos = stop_token_ids(tokenizer, base)
     chats = load_prompts(config.prompts, config.limit)
     encoded = [encode_prompt(tokenizer, chat).to(base.device) for chat in chats]

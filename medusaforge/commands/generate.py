@@ -11,7 +11,7 @@ import torch
 from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.decoder import medusa_generate, speculative_generate
-from medusaforge.decoding.loading import adaptive_drafting, eagle_tree_file, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.decoding.loading import adaptive_drafting, fitted_tree_file, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids
 from medusaforge.drafters.eagle3_proposer import DynamicTree
 from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.lookup import LookupProposer
@@ -27,7 +27,7 @@ class GenerateConfig:
     prompt: str = option("", "prompt text (rendered with the chat template)")
     prompts: str = option("", "instead of --prompt: a prompts file (.jsonl / .txt), 'mt-bench' or 'copy-heavy'")
     limit: int = option(0, "with --prompts: use only the first N (0 = all)")
-    tree: Path | None = option(None, "tree JSON (a list of paths); default: the shipped tree for the head count; with an EAGLE-3 --drafter DIR: DIR/tree.json when present (`tree --drafter DIR --out DIR/tree.json` writes it)")
+    tree: Path | None = option(None, "tree JSON; default: the heads' or EAGLE-3 folder's tree.json when present (`medusaforge tree ... --out DIR/tree.json` writes it), else the shipped tree for the head count")
     lookup: bool = option(True, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged "
                                 "into the heads' tree (faster on every prompt set measured; an EAGLE-3 --drafter decodes without it)")
     lookup_tokens: int = option(16, "with --lookup: tokens per lookup chain after a full-length n-gram match (fewer after a shorter one)")
@@ -61,8 +61,8 @@ class GenerateConfig:
 def run(config: GenerateConfig) -> None:
     torch.manual_seed(config.seed)
     eagle3 = find_eagle3_folder(config.drafter)
-    # An EAGLE-3 drafter's fitted tree (DIR/tree.json from `tree --drafter`) is used unless --tree names another.
-    tree_file = eagle_tree_file(config.drafter, config.tree) if eagle3 is not None else config.tree
+    # The drafter's fitted tree (DIR/tree.json from `medusaforge tree`) is used unless --tree names another.
+    tree_file = fitted_tree_file(config.drafter or config.heads, config.tree)
     if eagle3 is not None:
         tokenizer, base, proposer, tree = load_eagle3_drafter(
             config.model, eagle3, tree_file, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
@@ -70,7 +70,7 @@ def run(config: GenerateConfig) -> None:
     else:
         heads_dir = config.drafter or config.heads
         tokenizer, base, heads = load_for_decoding(config.model, heads_dir, config.dtype, config.device, config.allow_other_base)
-        tree = pick_tree(config.tree, heads.num_heads)
+        tree = pick_tree(tree_file, heads.num_heads)
     eos = stop_token_ids(tokenizer, base)
     chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
     generator = torch.Generator(device=base.device).manual_seed(config.seed)

@@ -110,20 +110,23 @@ def load_eagle3_for_decoding(model: str, drafter: str | os.PathLike, dtype: str,
     return tokenizer, base, load_eagle3_proposer(drafter, base, tree)
 
 
-EAGLE_TREE_FILE = "tree.json"  # `medusaforge tree --drafter DIR --out DIR/tree.json` leaves the fitted shape here
+FITTED_TREE_FILE = "tree.json"  # `medusaforge tree ... --out DIR/tree.json` leaves the fitted tree here
 
 
-def eagle_tree_file(drafter: str | os.PathLike, tree_file: str | os.PathLike | None = None) -> Path | None:
-    """The EAGLE-3 tree file that generate and eval decode with: `tree_file` when given, else the one
-    a tree search left in the drafter folder (DIR/tree.json, or in its draft/ subfolder), else None
-    (the --eagle-* shape). The fitted shape is the host's best, so it wins over the flags' defaults."""
+def fitted_tree_file(drafter: str | os.PathLike, tree_file: str | os.PathLike | None = None) -> Path | None:
+    """The tree file that generate and eval decode with: `tree_file` when given, else the one a tree
+    search left in the drafter's folder, else None (the default tree, or the --eagle-* shape). The
+    folder is the heads folder itself (retraining replaces it, and a stale tree with it), or an
+    EAGLE-3 folder and then its draft/ subfolder. The fitted shape is this host's best, so it wins
+    over the defaults."""
     if tree_file is not None:
         return Path(tree_file)
     found = find_eagle3_folder(drafter)
-    for folder in [Path(drafter)] + ([found] if found is not None else []):
-        if (folder / EAGLE_TREE_FILE).is_file():
-            print(f"EAGLE-3 tree: {folder / EAGLE_TREE_FILE} (fitted by `medusaforge tree --drafter`; --tree FILE overrides it)")
-            return folder / EAGLE_TREE_FILE
+    folders = [Path(drafter)] + [found] if found is not None else [heads_folder(Path(drafter))]
+    for folder in folders:
+        if (folder / FITTED_TREE_FILE).is_file():
+            print(f"tree: {folder / FITTED_TREE_FILE} (fitted by `medusaforge tree`; --tree FILE overrides it)")
+            return folder / FITTED_TREE_FILE
     return None
 
 
