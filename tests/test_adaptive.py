@@ -39,6 +39,18 @@ def test_choice_takes_the_most_tokens_per_second_and_no_drafting_unless_beaten()
     assert choose_draft_size({4: 1.4}, cost, plain_seconds=0.100) == 0
 
 
+def test_a_fitted_step_cheaper_than_a_plain_step_is_not_believed():
+    # This host's `tree` fit after a busy minute: 55.4 ms + 1.43 ms per node, a plain step 60.5 ms.
+    cost, plain = StepCost(fixed=0.0554, per_node=0.00143), 0.0605
+    # Taken at its word, a 1-node draft that is never accepted (1.0 token per step) costs 56.8 ms
+    # and "beats" the plain step; floored at 60.5 + 1.43 = 61.9 ms it does not.
+    assert choose_draft_size({1: 1.0}, cost, plain) == 0
+    # One that pays still wins: 6 nodes at 60.5 + 8.6 = 69.1 ms, 1.83 tokens: 26.5 tok/s against 16.5.
+    assert choose_draft_size({1: 1.0, 6: 1.83}, cost, plain) == 6
+    # At 61.9 ms, 1.12 tokens per step is 18.1 tok/s, above plain's 16.53; 1.02 is 16.48, below it.
+    assert choose_draft_size({1: 1.12}, cost, plain) == 1 and choose_draft_size({1: 1.02}, cost, plain) == 0
+
+
 def test_choose_tree_fits_drafted_sizes_and_times_plain_on_its_own():
     timings = {0: [0.093, 0.094, 0.300], 1: [0.157, 0.100], 4: [0.097, 0.112], 8: [0.113, 0.118]}
     size, cost, plain = choose_tree({1: 1.5, 4: 2.05, 8: 2.2}, timings)

@@ -17,6 +17,7 @@ import torch
 
 from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
+from medusaforge.decoding.cost import drafted_step_seconds
 from medusaforge.decoding.decoder import medusa_generate
 from medusaforge.decoding.eagle_tree_search import run_search
 from medusaforge.decoding.loading import hf_greedy, load_for_decoding, stop_token_ids
@@ -99,7 +100,7 @@ def run(config: TreeSearchConfig) -> dict:
     rows = []
     for size, paths in trees.items():
         accept = expected.get(size, 1.0)
-        step = cost(size) if size else plain
+        step = drafted_step_seconds(cost, size, plain) if size else plain
         rows.append({"nodes": size, "depth": max(map(len, paths), default=0), "expected_accept_length": accept,
                      "median_step_ms": statistics.median(timings[size]) * 1000, "fitted_step_ms": step * 1000,
                      "expected_tokens_per_s": accept / step, "paths": paths})

@@ -41,17 +41,26 @@ def fit_step_cost(num_nodes: list[int], seconds: list[float]) -> StepCost:
     return StepCost(fixed, per_node)
 
 
+def drafted_step_seconds(cost: StepCost, num_nodes: int, plain_seconds: float) -> float:
+    """What a step over `num_nodes` candidate nodes is taken to cost. A drafted step is a plain step
+    over more tokens, so it never costs less than the plain step plus the line's per-node part: a
+    fitted intercept below the plain step is timing noise (one such fit kept drafting on through
+    every step of a prompt whose drafts were all rejected)."""
+    return max(cost(num_nodes), plain_seconds + cost.per_node * num_nodes)
+
+
 def choose_draft_size(expected_accept: dict[int, float], cost: StepCost, plain_seconds: float) -> int:
     """The number of candidate nodes with the most expected tokens per second; 0 is "no drafting",
     a plain step of `plain_seconds` emitting exactly one token. A draft must beat it strictly.
 
     expected_accept: {candidate nodes: expected tokens per step, the base's token included}.
+    Each size costs `drafted_step_seconds`.
     """
     best, best_rate = 0, 1.0 / plain_seconds  # tokens per second
     for size in sorted(expected_accept):
         if size <= 0:
             continue
-        rate = expected_accept[size] / cost(size)
+        rate = expected_accept[size] / drafted_step_seconds(cost, size, plain_seconds)
         if rate > best_rate:
             best, best_rate = size, rate
     return best

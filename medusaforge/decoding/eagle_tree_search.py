@@ -21,7 +21,7 @@ import torch
 
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.adaptive import expected_accept_by_size
-from medusaforge.decoding.cost import choose_draft_size, fit_step_cost
+from medusaforge.decoding.cost import choose_draft_size, drafted_step_seconds, fit_step_cost
 from medusaforge.decoding.decoder import speculative_generate
 from medusaforge.decoding.loading import load_eagle3_for_decoding, stop_token_ids
 from medusaforge.decoding.verify import crop_cache, new_cache, prefill, verify_step
@@ -110,7 +110,7 @@ def search(draft, base, prompts, eos, topks, depths, sizes, new_tokens: int, rou
         points = [(n, s) for (k, d, n), times in timings.items() if (k, d) == (tree.topk, tree.depth) and n for s in times]
         cost = fit_step_cost([n for n, _ in points], [s for _, s in points])
         nodes = choose_draft_size(accept[(tree.topk, tree.depth)], cost, plain)
-        rate = accept[(tree.topk, tree.depth)].get(nodes, 1.0) / cost(nodes) if nodes else 1.0 / plain
+        rate = accept[(tree.topk, tree.depth)].get(nodes, 1.0) / drafted_step_seconds(cost, nodes, plain) if nodes else 1.0 / plain
         rows.append({"topk": tree.topk, "depth": tree.depth, "expected_accept_length": accept[(tree.topk, tree.depth)],
                      "step_cost_ms": {"fixed": cost.fixed * 1000, "per_node": cost.per_node * 1000},
                      "best_num_nodes": nodes, "expected_tokens_per_s": rate})
