@@ -122,7 +122,7 @@ def fitted_tree_file(drafter: str | os.PathLike, tree_file: str | os.PathLike | 
     if tree_file is not None:
         return Path(tree_file)
     found = find_eagle3_folder(drafter)
-    folders = [Path(drafter)] + [found] if found is not None else [heads_folder(Path(drafter))]
+    folders = [Path(drafter), found] if found is not None else [heads_folder(Path(drafter))]
     for folder in folders:
         if (folder / FITTED_TREE_FILE).is_file():
             print(f"tree: {folder / FITTED_TREE_FILE} (fitted by `medusaforge tree`; --tree FILE overrides it)")
