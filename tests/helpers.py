@@ -3,8 +3,10 @@ with a ChatML template. Everything here builds in well under a second."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -119,3 +121,11 @@ def small_data(path, num_conversations=16):
         reply = " ".join(words[(i + j) % len(words)] for j in range(6 + i % 5))  # uneven lengths
         records.append(sharegpt(("human", f"Hello {i}"), ("gpt", reply)))
     return write_jsonl(path, records)
+
+
+def import_benchmark(name: str):
+    """A script in benchmarks/ as a module; the folder goes on sys.path because scripts import their siblings."""
+    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    return importlib.import_module(name)

@@ -5,7 +5,6 @@ depth; the tree file a drafter folder carries is found; the draft-cost benchmark
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,19 +217,12 @@ def test_a_tree_file_in_the_drafter_folder_is_found_and_a_given_one_wins(tmp_pat
     assert fitted_tree_file(out, tmp_path / "mine.json") == tmp_path / "mine.json"
 
 
-def load_benchmark():
-    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    if benchmarks not in sys.path:
-        sys.path.insert(0, benchmarks)
-    import draft_cost
-
-    return draft_cost
-
-
 def test_benchmark_shapes_default_fitted_and_given_without_repeats(tmp_path):
     import argparse
 
-    draft_cost = load_benchmark()
+    from helpers import import_benchmark
+
+    draft_cost = import_benchmark("draft_cost")
     assert draft_cost.parse_shape("8x3x24") == DynamicTree(8, 3, 24)
     with pytest.raises(argparse.ArgumentTypeError, match="TOPKxDEPTHxNODES"):
         draft_cost.parse_shape("8x3")

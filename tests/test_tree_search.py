@@ -108,24 +108,14 @@ def test_a_tree_file_in_the_heads_folder_is_found_a_stale_one_beside_it_is_not(t
 
 
 def test_heads_step_cost_parts_leave_the_cache_as_they_found_it():
-    import sys
-    from pathlib import Path
+    from helpers import import_benchmark, tiny_llama
 
-    from helpers import tiny_llama
-
-    benchmarks = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    if benchmarks not in sys.path:
-        sys.path.insert(0, benchmarks)
-    import heads_step_cost
-
-    torch.set_grad_enabled(False)
-    try:
-        base = tiny_llama(64).eval()
-        heads = MedusaHeads(base.config.hidden_size, 64, num_heads=2)
-        heads.init_from_base(base.lm_head.weight)
+    heads_step_cost = import_benchmark("heads_step_cost")
+    base = tiny_llama(64).eval()
+    heads = MedusaHeads(base.config.hidden_size, 64, num_heads=2)
+    heads.init_from_base(base.lm_head.weight)
+    with torch.no_grad():  # as the script runs: the prefill's inference tensors meet the heads' parameters
         parts = heads_step_cost.step_parts(base, heads, [[0], [1], [0, 0]], torch.randint(0, 64, (12,)))
-    finally:
-        torch.set_grad_enabled(True)
     assert list(parts) == ["plain", "propose", "verify", "base 1", "base 4", "lm_head 1", "lm_head 4"]
     # The parts share one KV cache holding the 11-token prefix: a part that left entries behind would
     # move where the next verify step starts.

@@ -121,8 +121,9 @@ def write_histogram(accept_lengths: list[int], path: Path, title: str) -> bool:
 
 def run(config: EvalConfig) -> dict:
     eagle3 = find_eagle3_folder(config.drafter)
+    drafter = config.drafter or config.heads  # an EAGLE-3 folder, or the heads folder
     # The drafter's fitted tree (DIR/tree.json from `medusaforge tree`) is used unless --tree names another.
-    tree_file = fitted_tree_file(config.drafter or config.heads, config.tree)
+    tree_file = fitted_tree_file(drafter, config.tree)
     if eagle3 is not None:
         tokenizer, base, proposer, eagle_tree = load_eagle3_drafter(
             config.model, eagle3, tree_file, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
@@ -130,8 +131,7 @@ def run(config: EvalConfig) -> dict:
         tree = {"topk": eagle_tree.topk, "depth": eagle_tree.depth, "num_nodes": eagle_tree.num_nodes} if eagle_tree else {}
         depth = eagle_tree.depth if eagle_tree else 0
     else:
-        heads_dir = config.drafter or config.heads
-        tokenizer, base, heads = load_for_decoding(config.model, heads_dir, config.dtype, config.device, config.allow_other_base)
+        tokenizer, base, heads = load_for_decoding(config.model, drafter, config.dtype, config.device, config.allow_other_base)
         tree, depth = pick_tree(tree_file, heads.num_heads), heads.num_heads
     eos = stop_token_ids(tokenizer, base)
     chats = load_prompts(config.prompts, config.limit)

@@ -61,15 +61,15 @@ class GenerateConfig:
 def run(config: GenerateConfig) -> None:
     torch.manual_seed(config.seed)
     eagle3 = find_eagle3_folder(config.drafter)
+    drafter = config.drafter or config.heads  # an EAGLE-3 folder, or the heads folder
     # The drafter's fitted tree (DIR/tree.json from `medusaforge tree`) is used unless --tree names another.
-    tree_file = fitted_tree_file(config.drafter or config.heads, config.tree)
+    tree_file = fitted_tree_file(drafter, config.tree)
     if eagle3 is not None:
         tokenizer, base, proposer, tree = load_eagle3_drafter(
             config.model, eagle3, tree_file, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
             config.dtype, config.device)
     else:
-        heads_dir = config.drafter or config.heads
-        tokenizer, base, heads = load_for_decoding(config.model, heads_dir, config.dtype, config.device, config.allow_other_base)
+        tokenizer, base, heads = load_for_decoding(config.model, drafter, config.dtype, config.device, config.allow_other_base)
         tree = pick_tree(tree_file, heads.num_heads)
     eos = stop_token_ids(tokenizer, base)
     chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
