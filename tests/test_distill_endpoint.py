@@ -255,6 +255,23 @@ def test_an_odd_finish_reason_is_counted_shown_and_asked_again(tmp_path, capsys)
     assert user_turns(out) == [f"question number {i}" for i in range(6)]
 
 
+def test_a_prompt_longer_than_the_servers_context_is_skipped_and_the_run_goes_on(tmp_path, capsys):
+    prompts, out = prompts_file(tmp_path), tmp_path / "out.jsonl"
+    too_long = (400, {"error": {"message": "This model's maximum context length is 2048 tokens. However, your prompt contains "
+                                           "at least 2049 input tokens"}})
+
+    def answer(body):
+        return too_long if body["messages"][-1]["content"] == "question number 4" else echo(body)
+
+    with fake_server(answer) as server:
+        assert distill(server.url, prompts, out) == 0
+    printed = capsys.readouterr()
+    assert "1 prompts longer than the server's context were skipped (first: " in printed.out
+    assert "(prompt 4) refused the request with HTTP 400" in printed.out
+    assert sum(b["messages"][-1]["content"] == "question number 4" for b in server.requests) == 1  # never retried
+    assert user_turns(out) == [f"question number {i}" for i in (0, 1, 2, 3, 5)]
+
+
 def test_a_resumed_file_must_keep_the_settings_that_wrote_it(tmp_path, capsys):
     prompts, out = prompts_file(tmp_path), tmp_path / "out.jsonl"
     with fake_server() as server:

@@ -216,6 +216,8 @@ def run_endpoint(config: DistillConfig, prompts: list[list[dict]], out: Path) ->
         print(f"distill: --max-minutes {config.max_minutes:g} reached; {tally.not_started} prompts not asked (a rerun asks them)")
     if tally.empty:
         print(f"distill: {tally.empty} empty replies not written (a rerun asks them again)")
+    if tally.too_long:
+        print(f"distill: {tally.too_long} prompts longer than the server's context were skipped (first: {tally.first_too_long})")
     if tally.odd_finishes:
         raise RuntimeError(f"{tally.odd_finishes} replies ended with a finish reason other than stop or length and were "
                            f"not written (first: {tally.first_odd}); the {tally.written} others are in {out}, and a rerun asks these again")

@@ -36,6 +36,10 @@ class EndpointError(RuntimeError):
     """The endpoint cannot serve this run; the message says what it answered and what to do."""
 
 
+class PromptTooLong(EndpointError):
+    """The server refused one prompt as longer than its context: that prompt is skipped, not the run."""
+
+
 @dataclass
 class EndpointSettings:
     url: str  # base URL, e.g. http://localhost:8000/v1
@@ -175,6 +179,9 @@ async def request_reply(client: httpx.AsyncClient, settings: EndpointSettings, m
             problem = f"{what} refused the request with HTTP {response.status_code}: {response.text[:300]}"
             if response.status_code in RETRIED_STATUS:
                 continue
+            # vLLM, SGLang and OpenAI all name the context length when a prompt does not fit in it.
+            if response.status_code == 400 and "context length" in response.text.lower():
+                raise PromptTooLong(problem)
             break
         return _parse_reply(response, index, settings.reasoning, what)
     tries = f" (after {settings.retries + 1} tries)" if settings.retries else ""
@@ -190,6 +197,8 @@ class Tally:
     tokens: int = 0  # completion tokens by the server's own count (usage)
     empty: int = 0
     not_started: int = 0  # prompts the time limit left out
+    too_long: int = 0  # prompts the server refused as longer than its context
+    first_too_long: str = ""
     odd_finishes: int = 0  # finish reasons other than stop/length
     first_odd: str = ""
     seconds: float = 0.0
@@ -202,10 +211,15 @@ def append_record(handle, record: dict) -> None:
     os.fsync(handle.fileno())
 
 
-def _take(reply: Reply | None, prompts: list[list[dict]], tally: Tally, handle, bar) -> None:
+def _take(reply: Reply | PromptTooLong | None, prompts: list[list[dict]], tally: Tally, handle, bar) -> None:
     """Count one answer and write it if it is a reply to keep."""
     if reply is None:
         tally.not_started += 1
+    elif isinstance(reply, PromptTooLong):
+        tally.too_long += 1
+        if not tally.first_too_long:
+            tally.first_too_long = str(reply)
+            bar.write(f"distill: {reply}; skipped (counted, reported at the end)", file=sys.stderr)
     elif reply.finish_reason not in GOOD_FINISH_REASONS:
         tally.odd_finishes += 1
         if not tally.first_odd:
@@ -239,6 +253,8 @@ async def _ask_all(prompts: list[list[dict]], todo: list[int], settings: Endpoin
                 continue
             try:
                 await answers.put(await request_reply(client, settings, model, index, prompts[index]))
+            except PromptTooLong as refused:
+                await answers.put(refused)
             except EndpointError as error:
                 await answers.put(error)
                 return
@@ -248,12 +264,12 @@ async def _ask_all(prompts: list[list[dict]], todo: list[int], settings: Endpoin
         try:
             for _ in todo:
                 answer = await answers.get()
-                if isinstance(answer, EndpointError):
+                if isinstance(answer, EndpointError) and not isinstance(answer, PromptTooLong):
                     for worker_task in workers:
                         worker_task.cancel()
                     while not answers.empty():  # replies that arrived before the error are kept
                         queued = answers.get_nowait()
-                        if not isinstance(queued, EndpointError):
+                        if not isinstance(queued, EndpointError) or isinstance(queued, PromptTooLong):
                             _take(queued, prompts, tally, handle, bar)
                     raise answer
                 _take(answer, prompts, tally, handle, bar)
