@@ -70,14 +70,17 @@ def distill_config(args, mode: str, out: Path) -> distill.DistillConfig:
 
 
 def measure(args, mode: str, url: str = "") -> dict:
-    """Run one mode's distill; its wall time and what it wrote."""
+    """Run one mode's distill; its wall time and what it wrote in that time (a resumed file's earlier
+    replies are not counted)."""
     out = args.out_dir / f"{mode}.jsonl"
     config = distill_config(args, mode, out)
     config.endpoint = url
+    earlier = set() if config.overwrite or not out.exists() else set(done_keys(read_distilled(out)))
     started = time.perf_counter()
     distill.run(config)
     seconds = time.perf_counter() - started
-    records = read_distilled(out)
+    everything = read_distilled(out)
+    records = [record for key, record in zip(done_keys(everything), everything) if key not in earlier]
     tokenizer = load_tokenizer(args.model)
     tokens = sum(len(tokenizer(r["conversations"][-1]["value"], add_special_tokens=False)["input_ids"]) for r in records)
     return {"mode": mode, "out": str(out), "replies": len(records), "reply_tokens": tokens, "seconds": seconds,

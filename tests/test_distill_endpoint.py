@@ -323,3 +323,16 @@ def test_the_measurement_script_runs_both_modes_on_the_same_prompts(tmp_path, ca
     logits = base(context).logits[0, -1].detach()
     expected = abs(float(logits[parting["first_id"]] - logits[parting["second_id"]]))
     assert parting["logit_margin"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_resumed_measurement_counts_only_the_replies_written_in_its_own_time(tmp_path):
+    script = load_measurement()
+    model, prompts = save_tiny_model(tmp_path / "model"), prompts_file(tmp_path, 4)
+    arguments = ["--modes", "vllm", "--no-overwrite", "--model", str(model), "--prompts", str(prompts),
+                 "--max-new-tokens", "6", "--dtype", "fp32", "--out-dir", str(tmp_path / "bench")]
+    with fake_server(models=[{"id": str(model), "root": str(model)}]) as server:
+        assert script.main(["--endpoint", server.url, "--num-prompts", "3"] + arguments) == 0
+        assert script.main(["--endpoint", server.url, "--num-prompts", "0"] + arguments) == 0
+    (served,) = json.loads((tmp_path / "bench" / "report.json").read_text())["reports"]
+    assert served["replies"] == 1  # the fourth prompt; the first three were written by the first run
+    assert len(user_turns(tmp_path / "bench" / "vllm.jsonl")) == 4
