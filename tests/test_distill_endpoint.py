@@ -22,7 +22,7 @@ from medusaforge.cli import main
 from medusaforge.data.distilled import prompt_keys
 from medusaforge.data.endpoint import api_base, names_match, reply_text
 
-from helpers import save_tiny_model, write_jsonl
+from helpers import import_benchmark, save_tiny_model, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "org/Tiny-Chat"
@@ -282,24 +282,15 @@ def test_a_resumed_file_must_keep_the_settings_that_wrote_it(tmp_path, capsys):
     assert len(user_turns(out)) == 6
 
 
-def load_measurement():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("distill_endpoint", REPO / "benchmarks" / "distill_endpoint.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def test_first_difference():
-    first_difference = load_measurement().first_difference
+    first_difference = import_benchmark("distill_endpoint").first_difference
     assert first_difference([5, 6, 7], [5, 6, 8], eos=2) == (2, 7, 8)
     assert first_difference([5, 6], [5, 6, 9], eos=2) == (2, 2, 9)  # the shorter one ended: end-of-turn there
     assert first_difference([], [4], eos=2) == (0, 2, 4)
 
 
 def test_the_measurement_script_runs_both_modes_on_the_same_prompts(tmp_path, capsys):
-    script = load_measurement()
+    script = import_benchmark("distill_endpoint")
     model, prompts = save_tiny_model(tmp_path / "model"), prompts_file(tmp_path, 4)
     with fake_server(models=[{"id": str(model), "root": str(model)}]) as server:
         assert script.main(["--endpoint", server.url, "--model", str(model), "--prompts", str(prompts), "--num-prompts", "0",
@@ -326,7 +317,7 @@ def test_the_measurement_script_runs_both_modes_on_the_same_prompts(tmp_path, ca
 
 
 def test_a_resumed_measurement_counts_only_the_replies_written_in_its_own_time(tmp_path):
-    script = load_measurement()
+    script = import_benchmark("distill_endpoint")
     model, prompts = save_tiny_model(tmp_path / "model"), prompts_file(tmp_path, 4)
     arguments = ["--modes", "vllm", "--no-overwrite", "--model", str(model), "--prompts", str(prompts),
                  "--max-new-tokens", "6", "--dtype", "fp32", "--out-dir", str(tmp_path / "bench")]

@@ -36,8 +36,9 @@ class EndpointError(RuntimeError):
     """The endpoint cannot serve this run; the message says what it answered and what to do."""
 
 
-class PromptTooLong(EndpointError):
-    """The server refused one prompt as longer than its context: that prompt is skipped, not the run."""
+class PromptTooLong(Exception):
+    """The server refused one prompt as longer than its context: that prompt is skipped, not the run
+    (hence not an EndpointError, which stops the run)."""
 
 
 @dataclass
@@ -264,12 +265,12 @@ async def _ask_all(prompts: list[list[dict]], todo: list[int], settings: Endpoin
         try:
             for _ in todo:
                 answer = await answers.get()
-                if isinstance(answer, EndpointError) and not isinstance(answer, PromptTooLong):
+                if isinstance(answer, EndpointError):
                     for worker_task in workers:
                         worker_task.cancel()
                     while not answers.empty():  # replies that arrived before the error are kept
                         queued = answers.get_nowait()
-                        if not isinstance(queued, EndpointError) or isinstance(queued, PromptTooLong):
+                        if not isinstance(queued, EndpointError):
                             _take(queued, prompts, tally, handle, bar)
                     raise answer
                 _take(answer, prompts, tally, handle, bar)
