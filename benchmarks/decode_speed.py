@@ -1,5 +1,6 @@
 """Decode speed, batch 1: HF greedy vs HF prompt-lookup vs our decoder without drafting vs Medusa (default tree,
-searched tree) vs our prompt lookup alone and merged with the heads' tree (hybrid) vs an EAGLE-3 draft (--eagle3 DIR).
+searched tree) vs our prompt lookup alone and merged with the heads' tree (hybrid) vs an EAGLE-3 draft (--eagle3 DIR),
+alone (eagle3) and with lookup merged into its tree (eagle3-hybrid).
 
 Every method runs on the same prompts in one process, interleaved prompt by prompt after a warm-up, so the
 ratios are measured side by side under the same load. The order of the methods rotates from one round to the
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from medusaforge.data.prompts import encode_prompt, load_prompts
-from medusaforge.decoding.decoder import medusa_generate, speculative_generate
+from medusaforge.decoding.decoder import eagle3_generate, medusa_generate, speculative_generate
 from medusaforge.decoding.loading import adaptive_drafting, hf_greedy, hf_prompt_lookup, load_for_decoding, stop_token_ids
 from medusaforge.decoding.tree import default_tree, load_tree
 from medusaforge.decoding.loading import load_eagle3_proposer
@@ -38,7 +39,7 @@ from medusaforge.drafters.lookup import LookupProposer
 
 GREEDY = "hf greedy"
 PLAIN = "ours, no drafting"
-ROWS = ("plain", "hf-lookup", "heads", "searched", "lookup", "hybrid", "eagle3")
+ROWS = ("plain", "hf-lookup", "heads", "searched", "lookup", "hybrid", "eagle3", "eagle3-hybrid")
 
 
 def cpu_capability(flags: set[str] | None) -> str:
@@ -127,8 +128,10 @@ def build_methods(args, parser, rows: list[str]):
         steps[name] = ([], [], [])
 
         def run(ids, n):
-            if proposer is not None or not drafting:  # no drafting: the same decoder, every step a plain one
-                result = speculative_generate(base, proposer, ids, n, eos, adaptive=adaptive)
+            if proposer is not None:
+                result = eagle3_generate(base, proposer, ids, n, eos, adaptive=adaptive, lookup=lookup_proposer)
+            elif not drafting:  # the same decoder, every step a plain one
+                result = speculative_generate(base, None, ids, n, eos)
             else:
                 result = medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup_proposer, adaptive=adaptive)
             steps[name][0].extend(result.sources or [])
@@ -152,13 +155,17 @@ def build_methods(args, parser, rows: list[str]):
             ours(f"hybrid: searched tree + lookup ({args.lookup_tokens})", searched, Path(args.tree), lookup=True)
         else:
             ours(f"hybrid: default tree + lookup ({args.lookup_tokens})", default, lookup=True)
-    if "eagle3" in rows and args.eagle3:
+    if {"eagle3", "eagle3-hybrid"} & set(rows) and args.eagle3:
         folder = find_eagle3_folder(args.eagle3)
         if folder is None:
             parser.error(f"--eagle3 {args.eagle3}: no EAGLE-3 draft there (config.json with draft_vocab_size)")
         eagle_tree = DynamicTree(args.eagle_topk, args.eagle_depth, args.eagle_nodes)
-        ours(f"eagle-3 (top-{eagle_tree.topk}, depth {eagle_tree.depth}, {eagle_tree.num_nodes} nodes)", [],
-             proposer=load_eagle3_proposer(folder, base, eagle_tree))
+        shape = f"top-{eagle_tree.topk}, depth {eagle_tree.depth}, {eagle_tree.num_nodes} nodes"
+        if "eagle3" in rows:
+            ours(f"eagle-3 ({shape})", [], proposer=load_eagle3_proposer(folder, base, eagle_tree))
+        if "eagle3-hybrid" in rows:  # its own proposer: a draft's cache follows one decode at a time
+            ours(f"eagle-3 + lookup ({shape}; {args.lookup_tokens})", [], lookup=True,
+                 proposer=load_eagle3_proposer(folder, base, eagle_tree))
     return base, encoded, methods, steps
 
 
@@ -243,7 +250,7 @@ def main() -> None:
                         help="times each prompt goes through every method; the ratios' spread is over these")
     parser.add_argument("--rows", default=",".join(ROWS),
                         help=f"comma-separated rows besides hf greedy, from {','.join(ROWS)}; 'searched' runs only with --tree, "
-                             "'eagle3' only with --eagle3; 'plain' is our decoder with no drafting")
+                             "'eagle3' and 'eagle3-hybrid' only with --eagle3; 'plain' is our decoder with no drafting")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
     parser.add_argument("--lookup-tokens", type=int, default=LookupProposer().num_tokens,
                         help="our lookup chain after a full-length match, as `generate --lookup-tokens`")

@@ -394,3 +394,41 @@ def test_adaptive_drafting_skips_a_wrong_draft_and_stays_identical():
     assert 0 in result.drafted  # plain steps queue the verified features; the next draft reads them
     proposer.catch_up()
     assert proposer.committed == 3 + len(result.tokens) - 1
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_eagle3_with_lookup_is_lossless_and_names_each_steps_source(right):
+    from medusaforge.decoding.decoder import eagle3_generate
+    from medusaforge.drafters.lookup import LookupProposer
+
+    base = cycle_base("llama")
+    proposer = Eagle3Proposer(cycle_draft(base, right), DynamicTree(topk=3, depth=3, num_nodes=9))
+    # The cycle repeats every 16 tokens, so after one lap lookup's chains match the text so far.
+    prompt = list(range(3, 16)) + [0, 1, 2, 3, 4]
+    result = eagle3_generate(base, proposer, torch.tensor(prompt), 40, lookup=LookupProposer(num_tokens=6))
+    assert result.tokens == hf_greedy(base, torch.tensor(prompt), 40, [])
+    assert len(result.sources) == result.num_steps
+    assert "lookup" in result.sources or "both" in result.sources  # a lookup chain was the accepted path
+    if not right:
+        assert "eagle3" not in result.sources  # a wrong draft never supplies the accepted path
+
+
+def test_eagle3_with_lookup_samples_the_base_distribution():
+    from medusaforge.decoding.decoder import eagle3_generate
+    from medusaforge.drafters.lookup import LookupProposer
+
+    base = soft_cycle_base("llama")
+    proposer = Eagle3Proposer(cycle_draft(base, right=True), DynamicTree(topk=3, depth=3, num_nodes=12))
+    # [3, 4, 5, 3, 4, 5]: lookup's 3-gram match proposes 3 4 5 again, a chain the draft never drafts.
+    prompt, samples = [3, 4, 5, 3, 4, 5], 1500
+    expected = exact_three_token_probabilities(base, prompt)
+    generator = torch.Generator().manual_seed(0)
+    counts: dict[tuple, int] = {}
+    for _ in range(samples):
+        result = eagle3_generate(base, proposer, torch.tensor(prompt), 3, temperature=1.0, generator=generator,
+                                 lookup=LookupProposer(num_tokens=3))
+        counts[tuple(result.tokens)] = counts.get(tuple(result.tokens), 0) + 1
+    for key, p in expected.items():
+        if p > 0.02:
+            tolerance = 5 * (p * (1 - p) / samples) ** 0.5
+            assert abs(counts.get(key, 0) / samples - p) <= tolerance, (key, counts.get(key, 0) / samples, p)

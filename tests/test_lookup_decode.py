@@ -208,3 +208,19 @@ def test_hybrid_cuts_the_heads_tree_after_a_long_match_when_asked():
     # A 1-gram match is not long: the heads' whole tree stays.
     hybrid.update(prefill)
     assert hybrid.propose([1, 2, 3, 9, 1, 2, 7, 9], prefill).tokens.tolist() == [9, 50, 52, 53, 1, 2]
+
+
+def test_hybrid_does_not_run_the_model_after_a_long_match_when_given_no_nodes():
+    from medusaforge.drafters.proposer import Verified
+
+    calls = []
+    heads = MedusaProposer(None, [[0], [1], [0, 0]], candidates=lambda hidden, tokens: calls.append(1) or torch.tensor([[50, 52], [53, 54]]))
+    hybrid = HybridProposer(heads, LookupProposer(num_tokens=2, min_ngram=1, max_ngram=3, scale_by_match=False), model_nodes_on_match=0)
+    prefill = Verified(start=0, tokens=[1, 2, 3, 9], next_token=1, hidden=torch.zeros(4, 8))
+    hybrid.update(prefill)
+    # The 2-gram [1, 2] matched: the chain 3 9 alone, and the model was never asked.
+    draft = hybrid.propose([1, 2, 3, 9, 1, 2], prefill)
+    assert draft.tokens.tolist() == [2, 3, 9] and draft.parents == (-1, 0, 1) and calls == []
+    # A 1-gram match is not long: the model runs and its whole tree stays.
+    hybrid.update(prefill)
+    assert hybrid.propose([1, 2, 3, 9, 1, 2, 7, 9], prefill).tokens.tolist() == [9, 50, 52, 53, 1, 2] and calls == [1]

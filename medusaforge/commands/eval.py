@@ -20,7 +20,7 @@ import torch
 
 from medusaforge.config import config_to_dict, option
 from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
-from medusaforge.decoding.decoder import DecodeResult, medusa_generate, speculative_generate
+from medusaforge.decoding.decoder import DecodeResult, eagle3_generate, medusa_generate
 from medusaforge.decoding.identity import BUG, count_outputs, judge_parting, outputs_line, verdict
 from medusaforge.decoding.loading import (
     adaptive_drafting, fitted_tree_file, hf_greedy, hf_prompt_lookup, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids,
@@ -50,7 +50,7 @@ class EvalConfig:
     tree: Path | None = option(None, "tree JSON; default: the heads' or EAGLE-3 folder's tree.json when present (`medusaforge tree ... --out DIR/tree.json` writes it), else the shipped tree for the head count")
     adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
     lookup: bool = option(True, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged "
-                                "into the heads' tree (faster on every prompt set measured; an EAGLE-3 --drafter decodes without it)")
+                                "into the drafter's tree (heads or EAGLE-3)")
     lookup_tokens: int = option(16, "with --lookup: tokens per lookup chain after a full-length n-gram match (fewer after a shorter one)")
     dtype: str = option("auto", "bf16, fp32 or auto (bf16 where the hardware runs it natively, else fp32)", choices=["auto", "bf16", "fp32", "fp16"])
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
@@ -140,14 +140,14 @@ def run(config: EvalConfig) -> dict:
     shape = f"EAGLE-3 tree {tree}" if eagle3 is not None else f"tree of {len(tree)} nodes"
     print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, {shape}", flush=True)
 
-    lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup and eagle3 is None else None
+    lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup else None
     adaptive = adaptive_drafting(tree_file, config.adaptive, base.dtype)
     if not tree and lookup is None:
         print("the tree file says no draft beats plain decoding here: decoding without drafting", flush=True)
 
     def medusa(ids, n) -> DecodeResult:
         if eagle3 is not None:
-            return speculative_generate(base, proposer, ids, n, eos, adaptive=adaptive)
+            return eagle3_generate(base, proposer, ids, n, eos, adaptive=adaptive, lookup=lookup)
         return medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup, adaptive=adaptive)
 
     prompt_lookup = config.baseline and config.prompt_lookup > 0

@@ -10,7 +10,7 @@ import torch
 
 from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
-from medusaforge.decoding.decoder import medusa_generate, speculative_generate
+from medusaforge.decoding.decoder import eagle3_generate, medusa_generate
 from medusaforge.decoding.loading import adaptive_drafting, fitted_tree_file, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids
 from medusaforge.drafters.eagle3_proposer import DynamicTree
 from medusaforge.interop.eagle3_layout import find_eagle3_folder
@@ -29,7 +29,7 @@ class GenerateConfig:
     limit: int = option(0, "with --prompts: use only the first N (0 = all)")
     tree: Path | None = option(None, "tree JSON; default: the heads' or EAGLE-3 folder's tree.json when present (`medusaforge tree ... --out DIR/tree.json` writes it), else the shipped tree for the head count")
     lookup: bool = option(True, "also draft prompt-lookup chains (n-gram matches in the prompt and the text so far), merged "
-                                "into the heads' tree (faster on every prompt set measured; an EAGLE-3 --drafter decodes without it)")
+                                "into the drafter's tree (heads or EAGLE-3)")
     lookup_tokens: int = option(16, "with --lookup: tokens per lookup chain after a full-length n-gram match (fewer after a shorter one)")
     adaptive: bool = option(True, "shrink the draft, or decode without one, while recent acceptance does not pay for its verify cost")
     drafter: Path | None = option(None, "drafter folder instead of --heads: an EAGLE-3 draft (train --method eagle3's OUT "
@@ -74,14 +74,14 @@ def run(config: GenerateConfig) -> None:
     eos = stop_token_ids(tokenizer, base)
     chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
     generator = torch.Generator(device=base.device).manual_seed(config.seed)
-    lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup and eagle3 is None else None
+    lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup else None
     adaptive = adaptive_drafting(tree_file, config.adaptive, base.dtype)  # an EAGLE-3 tree file carries its step cost too
     for messages in chats:
         input_ids = encode_prompt(tokenizer, messages, chat=config.chat).to(base.device)
         start = time.perf_counter()
         if eagle3 is not None:
-            result = speculative_generate(base, proposer, input_ids, config.max_new_tokens, eos,
-                                          temperature=config.temperature, generator=generator, adaptive=adaptive, speculative=True)
+            result = eagle3_generate(base, proposer, input_ids, config.max_new_tokens, eos,
+                                     temperature=config.temperature, generator=generator, adaptive=adaptive, lookup=lookup)
         else:
             result = medusa_generate(
                 base, heads, input_ids, config.max_new_tokens, eos, tree,

@@ -157,6 +157,35 @@ def medusa_generate(
     result = speculative_generate(
         base, proposer, input_ids, max_new_tokens, eos_token_ids, temperature, typical_epsilon, typical_alpha, generator, adaptive
     )
+    return with_sources(result, proposer, lookup)
+
+
+def eagle3_generate(
+    base: nn.Module,
+    proposer: Proposer | None,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: Iterable[int] = (),
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    adaptive: AdaptiveDrafting | None = None,
+    lookup: LookupProposer | None = None,
+) -> DecodeResult:
+    """An EAGLE-3 proposer (drafters/eagle3_proposer.py); temperature > 0 uses speculative sampling.
+
+    `lookup`: also draft prompt-lookup chains, merged into the draft's tree as for the heads. After a
+    lookup match of 2+ tokens the draft is not run at all that step: its proposal costs about a fifth
+    of a plain step on a CPU, and the match's chain is usually the accepted path.
+    """
+    if lookup is not None:  # a tree file that found no draft worth its cost leaves lookup alone
+        proposer = HybridProposer(proposer, lookup, model_name="eagle3", model_nodes_on_match=0) if proposer is not None else lookup
+    result = speculative_generate(base, proposer, input_ids, max_new_tokens, eos_token_ids, temperature, generator=generator,
+                                  adaptive=adaptive, speculative=True)
+    return with_sources(result, proposer, lookup)
+
+
+def with_sources(result: DecodeResult, proposer, lookup: LookupProposer | None) -> DecodeResult:
+    """With lookup merged in, result.sources says which drafter supplied each step's accepted path."""
     if lookup is not None:
         result.sources = [source for source, _ in proposer.steps]
     return result

@@ -35,7 +35,7 @@ class HybridProposer:
         model_nodes_on_match: int | None = 2,
     ) -> None:
         """model_nodes_on_match: after a lookup match of at least lookup_first_ngram tokens, keep only
-        the first k candidate nodes of the model's tree (None: all). A long match is usually right,
+        the first k candidate nodes of the model's tree (None: all; 0: do not run the model that step). A long match is usually right,
         and verify slots spent on the heads then cost more than they bring: on the probe of
         benchmarks/lookup_split.py (8 prompts per set, bf16) 2 beat the whole tree and none."""
         self.model, self.lookup = model, lookup
@@ -57,9 +57,11 @@ class HybridProposer:
         self._sources = None
 
     def propose(self, tokens: list[int], verified: Verified) -> DraftTree | None:
-        model_draft = self.model.propose(tokens, verified)
         lookup_draft = self.lookup.draft(tokens, verified.hidden.device)
         long_match = lookup_draft is not None and self.lookup.index.longest_match()[0] >= self.lookup_first_ngram
+        # 0 nodes on a match: the model is not even run (an EAGLE-3 proposal costs ~0.2x a plain step on a CPU).
+        skip_model = long_match and self.model_nodes_on_match == 0
+        model_draft = None if skip_model else self.model.propose(tokens, verified)
         if long_match and model_draft is not None and self.model_nodes_on_match is not None:
             model_draft = model_draft.truncated(1 + self.model_nodes_on_match)
         drafts = {name: d for name, d in ((self.model_name, model_draft), ("lookup", lookup_draft)) if d is not None}
