@@ -67,7 +67,8 @@ test: setup
 # the demo stored the EAGLE-3 features; for a demo made before it did, it adds them (one base pass).
 # Then `tree --drafter` fits the draft's top-k, depth and node count to this host on 12 built-in prompts
 # the demo never distilled (runs/eagle3-demo/tree.json, which eval and generate read from the folder),
-# and the same side-by-side timing as the demo's heads runs on the same 3 MT-Bench prompts.
+# and the same side-by-side timing as the demo's heads runs on the same 3 MT-Bench prompts, prompt
+# lookup merged into the draft's tree as into the heads' (`--lookup false`: the draft alone).
 eagle3: setup
 	$(BIN)/medusaforge cache --config configs/demo-cache.yaml --overwrite
 	$(BIN)/medusaforge train --config configs/eagle3-demo.yaml --overwrite
