@@ -174,8 +174,8 @@ def eagle3_generate(
     """An EAGLE-3 proposer (drafters/eagle3_proposer.py); temperature > 0 uses speculative sampling.
 
     `lookup`: also draft prompt-lookup chains, merged into the draft's tree as for the heads. After a
-    lookup match of 2+ tokens the draft is not run at all that step: its proposal costs about a fifth
-    of a plain step on a CPU, and the match's chain is usually the accepted path.
+    lookup match of 2+ tokens the draft is not run at all that step: its proposal costs 0.16-0.31x a
+    plain step on a CPU (docs/benchmarks.md), and the match's chain is usually the accepted path.
     """
     if lookup is not None:  # a tree file that found no draft worth its cost leaves lookup alone
         proposer = HybridProposer(proposer, lookup, model_name="eagle3", model_nodes_on_match=0) if proposer is not None else lookup

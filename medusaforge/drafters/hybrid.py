@@ -35,8 +35,8 @@ class HybridProposer:
         model_nodes_on_match: int | None = 2,
     ) -> None:
         """model_nodes_on_match: after a lookup match of at least lookup_first_ngram tokens, keep only
-        the first k candidate nodes of the model's tree (None: all; 0: do not run the model that step). A long match is usually right,
-        and verify slots spent on the heads then cost more than they bring: on the probe of
+        the first k candidate nodes of the model's tree (None: all; 0: do not run the model that step).
+        A long match is usually right, and verify slots spent on the heads then cost more than they bring: on the probe of
         benchmarks/lookup_split.py (8 prompts per set, bf16) 2 beat the whole tree and none."""
         self.model, self.lookup = model, lookup
         self.lookup_first_ngram = lookup_first_ngram
@@ -59,7 +59,7 @@ class HybridProposer:
     def propose(self, tokens: list[int], verified: Verified) -> DraftTree | None:
         lookup_draft = self.lookup.draft(tokens, verified.hidden.device)
         long_match = lookup_draft is not None and self.lookup.index.longest_match()[0] >= self.lookup_first_ngram
-        # 0 nodes on a match: the model is not even run (an EAGLE-3 proposal costs ~0.2x a plain step on a CPU).
+        # 0 nodes on a match: the model is not even run (an EAGLE-3 proposal costs 0.16-0.31x a plain step on a CPU).
         skip_model = long_match and self.model_nodes_on_match == 0
         model_draft = None if skip_model else self.model.propose(tokens, verified)
         if long_match and model_draft is not None and self.model_nodes_on_match is not None:
