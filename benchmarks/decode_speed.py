@@ -32,7 +32,7 @@ from medusaforge.decoding.decoder import eagle3_generate, medusa_generate, specu
 from medusaforge.decoding.loading import adaptive_drafting, hf_greedy, hf_prompt_lookup, load_for_decoding, stop_token_ids
 from medusaforge.decoding.tree import default_tree, load_tree
 from medusaforge.decoding.loading import load_eagle3_proposer
-from medusaforge.drafters.eagle3_proposer import DynamicTree
+from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer
 from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.hybrid import accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
@@ -161,11 +161,12 @@ def build_methods(args, parser, rows: list[str]):
             parser.error(f"--eagle3 {args.eagle3}: no EAGLE-3 draft there (config.json with draft_vocab_size)")
         eagle_tree = DynamicTree(args.eagle_topk, args.eagle_depth, args.eagle_nodes)
         shape = f"top-{eagle_tree.topk}, depth {eagle_tree.depth}, {eagle_tree.num_nodes} nodes"
+        loaded = load_eagle3_proposer(folder, base, eagle_tree)
         if "eagle3" in rows:
-            ours(f"eagle-3 ({shape})", [], proposer=load_eagle3_proposer(folder, base, eagle_tree))
-        if "eagle3-hybrid" in rows:  # its own proposer: a draft's cache follows one decode at a time
+            ours(f"eagle-3 ({shape})", [], proposer=loaded)
+        if "eagle3-hybrid" in rows:  # the same draft, its own proposer: a proposer's cache follows one decode at a time
             ours(f"eagle-3 + lookup ({shape}; {args.lookup_tokens})", [], lookup=True,
-                 proposer=load_eagle3_proposer(folder, base, eagle_tree))
+                 proposer=Eagle3Proposer(loaded.draft, eagle_tree))
     return base, encoded, methods, steps
 
 

@@ -204,6 +204,14 @@ def soft_cycle_base(kind: str) -> torch.nn.Module:
     return base
 
 
+def assert_sampled_like(expected: dict[tuple, float], counts: dict[tuple, int], samples: int) -> None:
+    """Every sequence above 2% probability is sampled at its exact rate, within 5 standard errors."""
+    for key, p in expected.items():
+        if p > 0.02:
+            tolerance = 5 * (p * (1 - p) / samples) ** 0.5
+            assert abs(counts.get(key, 0) / samples - p) <= tolerance, (key, counts.get(key, 0) / samples, p)
+
+
 def exact_three_token_probabilities(base, prompt: list[int], floor: float = 1e-3) -> dict[tuple, float]:
     """p(x1) p(x2 | x1) p(x3 | x1, x2) from plain base forwards, for sequences above `floor`."""
     with torch.inference_mode():
@@ -232,10 +240,7 @@ def test_speculative_sampling_is_lossless_through_the_decoder():
         counts[key] = counts.get(key, 0) + 1
         accepted += sum(result.accepted)
     assert accepted > samples // 2  # drafts were accepted, so the rejection rule itself was exercised
-    for key, p in expected.items():
-        if p > 0.02:
-            tolerance = 5 * (p * (1 - p) / samples) ** 0.5
-            assert abs(counts.get(key, 0) / samples - p) <= tolerance, (key, counts.get(key, 0) / samples, p)
+    assert_sampled_like(expected, counts, samples)
 
 
 def test_eval_generate_and_export_take_an_eagle3_drafter(tmp_path, capsys):
@@ -428,7 +433,4 @@ def test_eagle3_with_lookup_samples_the_base_distribution():
         result = eagle3_generate(base, proposer, torch.tensor(prompt), 3, temperature=1.0, generator=generator,
                                  lookup=LookupProposer(num_tokens=3))
         counts[tuple(result.tokens)] = counts.get(tuple(result.tokens), 0) + 1
-    for key, p in expected.items():
-        if p > 0.02:
-            tolerance = 5 * (p * (1 - p) / samples) ** 0.5
-            assert abs(counts.get(key, 0) / samples - p) <= tolerance, (key, counts.get(key, 0) / samples, p)
+    assert_sampled_like(expected, counts, samples)

@@ -36,8 +36,9 @@ class HybridProposer:
     ) -> None:
         """model_nodes_on_match: after a lookup match of at least lookup_first_ngram tokens, keep only
         the first k candidate nodes of the model's tree (None: all; 0: do not run the model that step).
-        A long match is usually right, and verify slots spent on the heads then cost more than they bring: on the probe of
-        benchmarks/lookup_split.py (8 prompts per set, bf16) 2 beat the whole tree and none."""
+        A long match is usually right, and verify slots spent on the heads then cost more than they
+        bring: on the probe of benchmarks/lookup_split.py (8 prompts per set, bf16) 2 beat the whole
+        tree and none."""
         self.model, self.lookup = model, lookup
         self.lookup_first_ngram = lookup_first_ngram
         self.model_nodes_on_match = model_nodes_on_match
