@@ -13,6 +13,7 @@ Usage:
   python benchmarks/decode_speed.py --heads runs/demo/heads --tree tree.json --prompts mt-bench --limit 16
   python benchmarks/decode_speed.py --heads runs/demo/heads --prompts copy-heavy --limit 0 --repeats 3
   python benchmarks/decode_speed.py --heads runs/demo/heads --eagle3 runs/eagle3 --eagle-nodes 16
+  python benchmarks/decode_speed.py --eagle3 runs/eagle3-demo --eagle-topk 4 --eagle-depth 2 1 --eagle-nodes 8 4 --rows eagle3
   python benchmarks/decode_speed.py --prompts mt-bench --limit 80 --dtype fp32 --rows plain,hybrid   # identity and speed in fp32
 """
 
@@ -108,6 +109,18 @@ def token_count_notes(tokens_per_prompt: dict[str, list[int]], reference: str) -
     return notes
 
 
+def zip_tree_shapes(topks: list[int], depths: list[int], nodes: list[int]) -> list[DynamicTree]:
+    """EAGLE-3 tree shapes from the three flags' values, position by position; a flag given one value
+    applies to every shape. -> [DynamicTree]; ValueError when two flags give different counts above one."""
+    counts = {len(values) for values in (topks, depths, nodes)} - {1}
+    if len(counts) > 1:
+        raise ValueError(f"--eagle-topk, --eagle-depth and --eagle-nodes: give one value or the same number of values, "
+                         f"got {len(topks)}, {len(depths)} and {len(nodes)}")
+    count = counts.pop() if counts else 1
+    widen = lambda values: values * count if len(values) == 1 else values
+    return [DynamicTree(*shape) for shape in zip(widen(topks), widen(depths), widen(nodes))]
+
+
 def build_methods(args, parser, rows: list[str]):
     """-> (base, encoded prompts, {name: run(ids, n) -> tokens}, {name: per-step lists}) for the rows asked for."""
     tokenizer, base, heads = load_for_decoding(args.model, args.heads, args.dtype, args.device)
@@ -159,14 +172,17 @@ def build_methods(args, parser, rows: list[str]):
         folder = find_eagle3_folder(args.eagle3)
         if folder is None:
             parser.error(f"--eagle3 {args.eagle3}: no EAGLE-3 draft there (config.json with draft_vocab_size)")
-        eagle_tree = DynamicTree(args.eagle_topk, args.eagle_depth, args.eagle_nodes)
-        shape = f"top-{eagle_tree.topk}, depth {eagle_tree.depth}, {eagle_tree.num_nodes} nodes"
-        loaded = load_eagle3_proposer(folder, base, eagle_tree)
-        if "eagle3" in rows:
-            ours(f"eagle-3 ({shape})", [], proposer=loaded)
-        if "eagle3-hybrid" in rows:  # the same draft, its own proposer: a proposer's cache follows one decode at a time
-            ours(f"eagle-3 + lookup ({shape}; {args.lookup_tokens})", [], lookup=True,
-                 proposer=Eagle3Proposer(loaded.draft, eagle_tree))
+        try:
+            eagle_trees = zip_tree_shapes(args.eagle_topk, args.eagle_depth, args.eagle_nodes)
+        except ValueError as error:
+            parser.error(str(error))
+        draft = load_eagle3_proposer(folder, base, eagle_trees[0]).draft
+        for eagle_tree in eagle_trees:  # each row its own proposer: a proposer's cache follows one decode at a time
+            shape = f"top-{eagle_tree.topk}, depth {eagle_tree.depth}, {eagle_tree.num_nodes} nodes"
+            if "eagle3" in rows:
+                ours(f"eagle-3 ({shape})", [], proposer=Eagle3Proposer(draft, eagle_tree))
+            if "eagle3-hybrid" in rows:
+                ours(f"eagle-3 + lookup ({shape}; {args.lookup_tokens})", [], lookup=True, proposer=Eagle3Proposer(draft, eagle_tree))
     return base, encoded, methods, steps
 
 
@@ -256,9 +272,10 @@ def main() -> None:
     parser.add_argument("--lookup-tokens", type=int, default=LookupProposer().num_tokens,
                         help="our lookup chain after a full-length match, as `generate --lookup-tokens`")
     parser.add_argument("--eagle3", default=None, help="EAGLE-3 draft folder (train --method eagle3's OUT, OUT/draft or an export)")
-    parser.add_argument("--eagle-topk", type=int, default=DynamicTree.topk)
-    parser.add_argument("--eagle-depth", type=int, default=DynamicTree.depth)
-    parser.add_argument("--eagle-nodes", type=int, default=DynamicTree.num_nodes)
+    # One value or several: --eagle-topk 4 --eagle-depth 2 1 --eagle-nodes 8 4 times two tree shapes side by side.
+    parser.add_argument("--eagle-topk", type=int, nargs="+", default=[DynamicTree.topk])
+    parser.add_argument("--eagle-depth", type=int, nargs="+", default=[DynamicTree.depth])
+    parser.add_argument("--eagle-nodes", type=int, nargs="+", default=[DynamicTree.num_nodes])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+
+import pytest
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_speed.py"
@@ -110,3 +112,11 @@ def test_report_with_one_repeat_says_there_is_no_spread(capsys):
     out = capsys.readouterr().out
     assert "one repeat, no spread" in out and "|              1.25x |" in out and "(1.25-1.25)" not in out
     assert "every method emitted the same count on every prompt" in out
+
+
+def test_eagle_tree_shapes_zip_the_flags_and_widen_single_values():
+    shapes = decode_speed.zip_tree_shapes([4], [2, 1], [8, 4])
+    assert [(t.topk, t.depth, t.num_nodes) for t in shapes] == [(4, 2, 8), (4, 1, 4)]
+    assert [(t.topk, t.depth, t.num_nodes) for t in decode_speed.zip_tree_shapes([8], [3], [8])] == [(8, 3, 8)]
+    with pytest.raises(ValueError, match="same number of values"):
+        decode_speed.zip_tree_shapes([4, 8], [2, 1, 3], [8])
