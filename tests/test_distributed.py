@@ -3,13 +3,10 @@ same global batch, and the slicing helpers split a batch the way DistributedSamp
 
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import save_tiny_model, small_data
+from helpers import run_torchrun, save_tiny_model, small_data
 from safetensors.torch import load_file
 
 from medusaforge.cli import main
@@ -58,17 +55,7 @@ def single_process_run(tmp_path_factory):
 def test_two_gloo_processes_match_one_process(tmp_path, single_process_run, extra):
     root, cache, model_dir, data = single_process_run
     env = {**os.environ, "MEDUSAFORGE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "medusaforge.cli", *train_args(model_dir, data, tmp_path / "ddp"), *extra,
-    ]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    if finished.returncode != 0 and "terminate called without an active exception" in finished.stderr:
-        # Seen once in about a dozen --fsdp-base runs on a 2-core CI machine: rank 1 aborted inside gloo
-        # right after loading the model, before any training step. Retried once from an empty folder;
-        # any other failure, or a second abort, fails the test.
-        shutil.rmtree(tmp_path / "ddp", ignore_errors=True)
-        finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finished = run_torchrun(["-m", "medusaforge.cli", *train_args(model_dir, data, tmp_path / "ddp"), *extra], env, out=tmp_path / "ddp")
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     single, ddp = read_metrics(root / "single"), read_metrics(tmp_path / "ddp")

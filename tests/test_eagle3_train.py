@@ -16,7 +16,7 @@ from medusaforge.drafters.draft_vocab import prediction_counts, select_draft_voc
 from medusaforge.drafters.eagle3 import Eagle3Draft, draft_config_from_base, load_draft
 from medusaforge.training import eagle3 as recipe
 from medusaforge.training.eagle3_loss import eagle3_losses, plain_step_loss, soft_cross_entropy, step_positions, step_weights
-from tests.helpers import learnable_data, save_tiny_model, tiny_llama, tiny_tokenizer, write_jsonl
+from tests.helpers import learnable_data, run_torchrun, save_tiny_model, tiny_llama, tiny_tokenizer, write_jsonl
 
 
 def test_soft_cross_entropy_on_hand_worked_logits():
@@ -208,8 +208,6 @@ train(Eagle3Config(model=model, data=Path(data), out=Path(out), num_steps=3, dra
 
 def test_two_gloo_processes_match_one_process(setup, tmp_path, monkeypatch):
     import os
-    import subprocess
-    import sys
 
     model, data, root = setup
     monkeypatch.setenv("MEDUSAFORGE_CACHE", str(root / "cache"))
@@ -219,9 +217,7 @@ def test_two_gloo_processes_match_one_process(setup, tmp_path, monkeypatch):
     outs = {}
     for procs in (1, 2):
         outs[procs] = tmp_path / f"world{procs}"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-                   str(script), str(model), str(data), str(outs[procs])]
-        finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        finished = run_torchrun([str(script), str(model), str(data), str(outs[procs])], env, out=outs[procs], nproc=procs)
         assert finished.returncode == 0, finished.stderr[-3000:]
     one, two = ([json.loads(line) for line in (outs[p] / "metrics.jsonl").read_text().splitlines()][:-1] for p in (1, 2))
     assert [m["step"] for m in two] == [1, 2, 3]

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import save_tiny_model, small_data
+from helpers import run_torchrun, save_tiny_model, small_data
 from safetensors.torch import load_file
 
 from medusaforge.cli import main
@@ -56,9 +54,8 @@ def test_fsdp_base_on_two_gloo_ranks_equals_one_process(tmp_path, tiny, recipe, 
     assert main(train_args(recipe, model_dir, data, tmp_path / "single")) == 0
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "medusaforge.cli", *train_args(recipe, model_dir, data, tmp_path / "fsdp"), "--fsdp-base"]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    finished = run_torchrun(["-m", "medusaforge.cli", *train_args(recipe, model_dir, data, tmp_path / "fsdp"), "--fsdp-base"],
+                            env, out=tmp_path / "fsdp", timeout=240)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
     _, weights_file, step_key = RECIPES[recipe]
