@@ -109,17 +109,16 @@ def token_count_notes(tokens_per_prompt: dict[str, list[int]], reference: str) -
     return notes
 
 
-def zip_tree_shapes(topks: list[int], depths: list[int], nodes: list[int], min_probabilities: list[float] = (0.0,)) -> list[DynamicTree]:
-    """EAGLE-3 tree shapes from the flags' values, position by position; a flag given one value
+def zip_tree_shapes(topks: list[int], depths: list[int], nodes: list[int]) -> list[DynamicTree]:
+    """EAGLE-3 tree shapes from the three flags' values, position by position; a flag given one value
     applies to every shape. -> [DynamicTree]; ValueError when two flags give different counts above one."""
-    flags = (topks, depths, nodes, list(min_probabilities))
-    counts = {len(values) for values in flags} - {1}
+    counts = {len(values) for values in (topks, depths, nodes)} - {1}
     if len(counts) > 1:
-        raise ValueError(f"--eagle-topk, --eagle-depth, --eagle-nodes and --eagle-min-prob: give one value or the same "
-                         f"number of values, got {', '.join(str(len(values)) for values in flags)}")
+        raise ValueError(f"--eagle-topk, --eagle-depth and --eagle-nodes: give one value or the same number of values, "
+                         f"got {len(topks)}, {len(depths)} and {len(nodes)}")
     count = counts.pop() if counts else 1
     widen = lambda values: values * count if len(values) == 1 else values
-    return [DynamicTree(*shape) for shape in zip(*map(widen, flags))]
+    return [DynamicTree(*shape) for shape in zip(widen(topks), widen(depths), widen(nodes))]
 
 
 def build_methods(args, parser, rows: list[str]):
@@ -174,14 +173,12 @@ def build_methods(args, parser, rows: list[str]):
         if folder is None:
             parser.error(f"--eagle3 {args.eagle3}: no EAGLE-3 draft there (config.json with draft_vocab_size)")
         try:
-            eagle_trees = zip_tree_shapes(args.eagle_topk, args.eagle_depth, args.eagle_nodes, args.eagle_min_prob)
+            eagle_trees = zip_tree_shapes(args.eagle_topk, args.eagle_depth, args.eagle_nodes)
         except ValueError as error:
             parser.error(str(error))
         draft = load_eagle3_proposer(folder, base, eagle_trees[0]).draft
         for eagle_tree in eagle_trees:  # each row its own proposer: a proposer's cache follows one decode at a time
             shape = f"top-{eagle_tree.topk}, depth {eagle_tree.depth}, {eagle_tree.num_nodes} nodes"
-            if eagle_tree.min_probability > 0:
-                shape += f", p >= {eagle_tree.min_probability:g}"
             if "eagle3" in rows:
                 ours(f"eagle-3 ({shape})", [], proposer=Eagle3Proposer(draft, eagle_tree))
             if "eagle3-hybrid" in rows:
@@ -279,8 +276,6 @@ def main() -> None:
     parser.add_argument("--eagle-topk", type=int, nargs="+", default=[DynamicTree.topk])
     parser.add_argument("--eagle-depth", type=int, nargs="+", default=[DynamicTree.depth])
     parser.add_argument("--eagle-nodes", type=int, nargs="+", default=[DynamicTree.num_nodes])
-    parser.add_argument("--eagle-min-prob", type=float, nargs="+", default=[DynamicTree.min_probability],
-                        help="drop tree nodes whose draft path probability is below this (0: keep all)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True,

@@ -118,7 +118,5 @@ def test_eagle_tree_shapes_zip_the_flags_and_widen_single_values():
     shapes = decode_speed.zip_tree_shapes([4], [2, 1], [8, 4])
     assert [(t.topk, t.depth, t.num_nodes) for t in shapes] == [(4, 2, 8), (4, 1, 4)]
     assert [(t.topk, t.depth, t.num_nodes) for t in decode_speed.zip_tree_shapes([8], [3], [8])] == [(8, 3, 8)]
-    gated = decode_speed.zip_tree_shapes([8], [3], [8], [0.0, 0.3])
-    assert [(t.num_nodes, t.min_probability) for t in gated] == [(8, 0.0), (8, 0.3)]
     with pytest.raises(ValueError, match="same number of values"):
         decode_speed.zip_tree_shapes([4, 8], [2, 1, 3], [8])

@@ -434,33 +434,3 @@ def test_eagle3_with_lookup_samples_the_base_distribution():
                                  lookup=LookupProposer(num_tokens=3))
         counts[tuple(result.tokens)] = counts.get(tuple(result.tokens), 0) + 1
     assert_sampled_like(expected, counts, samples)
-
-
-def test_min_probability_keeps_the_confident_prefix_of_the_tree():
-    """Hand-worked: depth-1 nodes a (p 0.6) and b (0.3); a's children c (0.6 x 0.5 = 0.3) and
-    d (0.6 x 0.1 = 0.06). Best first: a, b, c (b before c: the tie goes to the shallower), d."""
-    proposer = Eagle3Proposer(random_draft(tiny_base("llama")), DynamicTree(topk=2, depth=2, num_nodes=4, min_probability=0.25))
-    scores = torch.tensor([0.6, 0.3, 0.3, 0.06], dtype=torch.float64).log()
-    draft_ids, parents = torch.tensor([10, 11, 12, 13]), torch.tensor([-1, -1, 0, 0])
-    tree = proposer._select(scores, draft_ids, parents, root=5)
-    assert tree.tokens.tolist() == [5, 10, 11, 12] and tree.parents == (-1, 0, 0, 1)  # d (0.06) dropped
-    strict = Eagle3Proposer(proposer.draft, DynamicTree(topk=2, depth=2, num_nodes=4, min_probability=0.7))
-    assert strict._select(scores, draft_ids, parents, root=5).parents == (-1,)  # nothing reaches 0.7: the root alone
-    with pytest.raises(ValueError, match="min_probability"):
-        DynamicTree(min_probability=1.0)
-
-
-@pytest.mark.parametrize("right", [True, False])
-def test_min_probability_drafts_only_what_the_draft_trusts_and_stays_identical(right):
-    base = cycle_base("llama")
-    # The cycle draft splits its mass over three near-tied tokens (about 1/3 each): at 0.2 only
-    # depth 1 passes, and drafting stops there.
-    proposer = Eagle3Proposer(cycle_draft(base, right), DynamicTree(topk=3, depth=4, num_nodes=21, min_probability=0.2))
-    for prompt in PROMPTS:
-        result = decode(base, proposer, prompt)
-        assert result.tokens == hf_greedy(base, torch.tensor(prompt), 24, [])
-        assert max(result.drafted) == 3
-    # A random draft is unsure of everything (256 tokens): no step drafts, every step is plain.
-    unsure = Eagle3Proposer(random_draft(tiny_base("llama")), DynamicTree(topk=3, depth=4, num_nodes=10, min_probability=0.5))
-    result = decode(tiny_base("llama"), unsure, PROMPTS[0])
-    assert set(result.drafted) == {0} and result.tokens == hf_greedy(tiny_base("llama"), torch.tensor(PROMPTS[0]), 24, [])

@@ -21,7 +21,6 @@ entries are recomputed from the base's features there, as EAGLE does).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,30 +32,16 @@ from medusaforge.drafters.proposer import DraftTree, Verified
 @dataclass(frozen=True)
 class DynamicTree:
     """EAGLE-2's tree settings: `topk` children per expanded node (and nodes expanded per depth),
-    `depth` draft steps at most, `num_nodes` candidate nodes in the verified tree (root not counted).
-
-    `min_probability` drops every node whose path probability under the draft (the product of its
-    own and its ancestors' draft probabilities) is below it, and stops drafting deeper once no node
-    of a depth reaches it. A step with no node left verifies the root alone: a plain step. A tree
-    pass costs more than a plain step before any node is accepted, so a draft the draft itself
-    doubts is not worth verifying. 0 keeps every node."""
+    `depth` draft steps at most, `num_nodes` candidate nodes in the verified tree (root not counted)."""
 
     topk: int = 4
     depth: int = 5
     num_nodes: int = 16
-    min_probability: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("topk", "depth", "num_nodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EAGLE tree: {name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.min_probability < 1.0:
-            raise ValueError(f"EAGLE tree: min_probability must be in [0, 1), got {self.min_probability}")
-
-    @property
-    def min_score(self) -> float:
-        """min_probability as the cumulative log-probability the proposer compares scores with."""
-        return math.log(self.min_probability) if self.min_probability > 0 else -math.inf
 
 
 def prepare_draft(draft: nn.Module, base: nn.Module) -> nn.Module:
@@ -129,8 +114,6 @@ class Eagle3Proposer:
         all_scores, all_ids, all_parents = [scores], [draft_ids], [torch.full((k,), -1, device=device)]
         first = 0  # number of the newest block's first node
         for depth in range(1, self.tree.depth):
-            if self.tree.min_probability > 0 and float(scores.max()) < self.tree.min_score:
-                break  # children never score above their parent: nothing deeper could be kept (a host sync)
             # The k best of the newest depth, best first; a stable sort breaks ties by node number.
             expand = torch.sort(-scores, stable=True).indices[:k]  # [m]
             rows = torch.cat([ancestors[expand], torch.eye(len(expand), dtype=torch.bool, device=device)], dim=1)
@@ -166,9 +149,6 @@ class Eagle3Proposer:
         """The best `num_nodes` nodes, best first, as a DraftTree. Node numbers grow with depth, so a
         stable sort on the score breaks ties shallower first, then in drafting order."""
         order = torch.sort(-scores, stable=True).indices[: self.tree.num_nodes]  # [n]
-        if self.tree.min_probability > 0:
-            # Best first, so the nodes that pass are a prefix, and with them their ancestors.
-            order = order[: int((scores[order] >= self.tree.min_score).sum())]
         place = torch.zeros(len(scores) + 1, dtype=torch.long, device=scores.device)
         place[order] = torch.arange(1, len(order) + 1, device=scores.device)  # node -> its place in the draft
         chosen = parents[order]
