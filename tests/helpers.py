@@ -138,9 +138,10 @@ def run_torchrun(args: list[str], env: dict, out: Path, nproc: int = 2, timeout:
     """`torchrun --standalone --nproc-per-node nproc ARGS` writing into `out`.
 
     On 2-core CI machines a gloo rank has aborted inside torch's C++ ("terminate called without an
-    active exception") a few times in --fsdp-base runs, before training got far; dozens of runs here
-    never did. That crash is not what the multi-process tests check, so it gets one relaunch from an
-    empty `out`, with its log kept as a warning; any other failure, or a second abort, is returned as is.
+    active exception") twice in --fsdp-base runs (test_distributed, then test_fsdp), before training
+    got far; 28 runs here never did. That crash is not what the multi-process tests check, so it gets
+    one relaunch from an empty `out`, with its log kept as a warning; any other failure, or a second
+    abort, is returned as is.
     faulthandler prints the Python stack of a rank that crashes.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
