@@ -150,3 +150,17 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     (tmp_path / "draft" / "config.json").write_text("{ nope")
     with pytest.raises(ValueError, match="config.json: line 1"):
         load_draft(tmp_path / "draft", base.get_input_embeddings())
+
+
+def test_layer_started_from_the_base_is_that_base_layer_over_the_high_feature():
+    # Layer 0 reads hidden_states[0] and writes hidden_states[1] (pre-norm: the base has 2 layers).
+    base, draft = make_draft(feature_layers=(0, 0, 0))
+    draft.init_layer_from(base.model.layers[0])
+    hidden = draft.config.hidden_size
+    for name in ("q_proj", "k_proj", "v_proj"):  # silence the embedding half, the only new input
+        getattr(draft.midlayer.self_attn, name).weight.data[:, :hidden] = 0
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        states = base(ids, output_hidden_states=True).hidden_states
+        out, _ = draft.step(ids, draft.fuse(draft.select_features(states)), torch.arange(6).expand(2, 6))
+    torch.testing.assert_close(out, states[1], atol=1e-5, rtol=1e-4)

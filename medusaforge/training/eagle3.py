@@ -61,6 +61,7 @@ class Eagle3Config(OutputOptions, BudgetOptions, OptimOptions, DataOptions, Base
     vocab_examples: int = option(256, "training conversations the base is run on to count its predictions for the draft vocabulary")
     feature_layers: list[int] | None = option(None, "three HF hidden_states indices fused by the draft (default: 2, L//2, L-3 as vLLM/SpecForge)")
     init_from_base: bool = option(True, "start the draft's lm_head and final norm from the base's (rows of the draft vocabulary)")
+    init_layer_from_base: bool = option(True, "also start the draft's layer as the base layer that reads the high feature (fc passes that feature through)")
     chunk_size: int = option(512, "positions per chunk in each step's loss (peak memory ~ chunk * draft_vocab * 4 bytes per step)")
     cache: Path | None = option(None, "train offline from a `medusaforge cache --eagle3-features` folder: the base is loaded (config, embedding) but never run; --model must be the one that made it")
     fsdp_base: bool = option(False, "under torchrun, shard the frozen base's decoder layers across ranks with FSDP2 (for bases too big for one device; online only)")
@@ -184,6 +185,9 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
         with torch.no_grad():
             draft.lm_head.weight.copy_(lm_head_weight[draft.to_target(torch.arange(draft_config.draft_vocab_size))])
             draft.norm.weight.copy_(base.get_decoder().norm.weight)
+    high = draft.feature_layers[2]
+    if config.init_layer_from_base and high < len(base.get_decoder().layers):  # index L is post-norm: no layer reads it
+        draft.init_layer_from(base.get_decoder().layers[high])
     draft.to(device)
     num_steps, weights = config.num_steps, step_weights(config.num_steps, config.step_weight_decay)
 
