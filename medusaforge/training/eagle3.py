@@ -62,7 +62,6 @@ class Eagle3Config(OutputOptions, BudgetOptions, OptimOptions, DataOptions, Base
     feature_layers: list[int] | None = option(None, "three HF hidden_states indices fused by the draft (default: 2, L//2, L-3 as vLLM/SpecForge)")
     init_from_base: bool = option(True, "start the draft's lm_head and final norm from the base's (rows of the draft vocabulary)")
     init_layer_from_base: bool = option(True, "also start the draft's layer as the base layer that reads the high feature (fc passes that feature through)")
-    feature_noise: float = option(0.0, "training only: add Gaussian noise of this size, relative to each feature layer's RMS, to the base features (a regulariser)")
     chunk_size: int = option(512, "positions per chunk in each step's loss (peak memory ~ chunk * draft_vocab * 4 bytes per step)")
     cache: Path | None = option(None, "train offline from a `medusaforge cache --eagle3-features` folder: the base is loaded (config, embedding) but never run; --model must be the one that made it")
     fsdp_base: bool = option(False, "under torchrun, shard the frozen base's decoder layers across ranks with FSDP2 (for bases too big for one device; online only)")
@@ -78,32 +77,20 @@ class Eagle3Config(OutputOptions, BudgetOptions, OptimOptions, DataOptions, Base
             raise ValueError("--max-length must be >= 3 (a draft step needs a token and a target after it)")
         if self.chunk_size < 1:
             raise ValueError("--chunk-size must be >= 1")
-        if self.feature_noise < 0:
-            raise ValueError(f"--feature-noise must be >= 0, got {self.feature_noise}")
         self.check_data()
         self.check_optim()
         self.check_output()
         self.check_budget(self.max_length)
 
 
-def noisy_features(features: torch.Tensor, scale: float) -> torch.Tensor:
-    """features [B, T, 3H] plus Gaussian noise, each layer's third scaled to that layer's RMS at
-    each position (the three layers' magnitudes differ by orders), as EAGLE's feature noise."""
-    if scale <= 0:
-        return features
-    parts = features.chunk(3, dim=-1)
-    return torch.cat([p + scale * p.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn_like(p) for p in parts], dim=-1)
-
-
 class DraftWithLoss(nn.Module):
     """The draft's unroll and loss as one forward call, so DDP can hook its gradient all-reduce."""
 
-    def __init__(self, draft: Eagle3Draft, num_steps: int, chunk_size: int, feature_noise: float = 0.0) -> None:
+    def __init__(self, draft: Eagle3Draft, num_steps: int, chunk_size: int) -> None:
         super().__init__()
-        self.draft, self.num_steps, self.chunk_size, self.feature_noise = draft, num_steps, chunk_size, feature_noise
+        self.draft, self.num_steps, self.chunk_size = draft, num_steps, chunk_size
 
     def forward(self, features, input_ids, target_logits, base_argmax, loss_mask):
-        features = noisy_features(features, self.feature_noise)
         hiddens = self.draft.unroll(input_ids, self.draft.fuse(features), self.num_steps)
         return eagle3_losses(self.draft, hiddens, target_logits, base_argmax, loss_mask, self.chunk_size)
 
@@ -214,7 +201,7 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
     source.token_map = draft.to_target(torch.arange(draft_config.draft_vocab_size, device=device))  # a resume restores d2t
     if config.fsdp_base and cache is None:  # after every read of the full base weights (fingerprint, lm_head, norm)
         shard_frozen_base(base, context, keep_whole=(base.get_input_embeddings().weight,))  # the draft embeds with it
-    draft_with_loss = wrap_heads_for_ddp(DraftWithLoss(draft, num_steps, config.chunk_size, config.feature_noise), context)
+    draft_with_loss = wrap_heads_for_ddp(DraftWithLoss(draft, num_steps, config.chunk_size), context)
 
     metrics_file = open_metrics(out, config, start_step, "eagle3") if context.is_main else None
     progress = tqdm(initial=start_step, total=budget.total, disable=not (config.progress and context.is_main), desc="train eagle3")
