@@ -13,6 +13,7 @@ from medusaforge.drafters.eagle3 import (
     draft_config_from_base,
     load_draft,
 )
+from medusaforge.training.eagle3 import start_layer_from
 from tests.helpers import tiny_llama
 
 VOCAB = 256
@@ -155,7 +156,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
 def test_layer_started_from_the_base_is_that_base_layer_over_the_high_feature():
     # Layer 0 reads hidden_states[0] and writes hidden_states[1] (pre-norm: the base has 2 layers).
     base, draft = make_draft(feature_layers=(0, 0, 0))
-    draft.init_layer_from(base.model.layers[0])
+    start_layer_from(draft, base.model.layers[0])
     hidden = draft.config.hidden_size
     for name in ("q_proj", "k_proj", "v_proj"):  # silence the embedding half, the only new input
         getattr(draft.midlayer.self_attn, name).weight.data[:, :hidden] = 0
@@ -164,3 +165,14 @@ def test_layer_started_from_the_base_is_that_base_layer_over_the_high_feature():
         states = base(ids, output_hidden_states=True).hidden_states
         out, _ = draft.step(ids, draft.fuse(draft.select_features(states)), torch.arange(6).expand(2, 6))
     torch.testing.assert_close(out, states[1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_base_layer_of_another_shape_is_refused_and_changes_nothing():
+    _, draft = make_draft()
+    before = {name: t.clone() for name, t in draft.state_dict().items()}
+    other = tiny_llama(VOCAB, hidden_size=16)
+    with pytest.raises(ValueError, match="do not fit"):
+        start_layer_from(draft, other.model.layers[0])
+    with pytest.raises(ValueError, match="lacks a part"):
+        start_layer_from(draft, torch.nn.Linear(4, 4))
+    assert all(torch.equal(before[name], t) for name, t in draft.state_dict().items())

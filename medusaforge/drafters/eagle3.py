@@ -238,25 +238,6 @@ class Eagle3Draft(nn.Module):
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
 
-    @torch.no_grad()
-    def init_layer_from(self, base_layer: nn.Module) -> None:
-        """Start the layer as the base decoder layer that reads the high feature (HF index j is the
-        input of layer j), so at step 0 the draft begins as that layer over the high feature at i.
-
-        fc passes the high feature through unchanged (low and mid start at zero); q/k/v read the
-        hidden half with the base layer's weights and keep their random init on the embedding half,
-        which is the new input the draft must learn to use. MLP, o_proj and norms are copied."""
-        hidden = self.config.hidden_size
-        self.fc.weight.zero_()
-        self.fc.weight[:, 2 * hidden :].copy_(torch.eye(hidden))
-        attention = self.midlayer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj"):
-            getattr(attention, name).weight[:, hidden:].copy_(getattr(base_layer.self_attn, name).weight)
-        attention.o_proj.weight.copy_(base_layer.self_attn.o_proj.weight)
-        self.midlayer.hidden_norm.weight.copy_(base_layer.input_layernorm.weight)
-        self.midlayer.post_attention_layernorm.weight.copy_(base_layer.post_attention_layernorm.weight)
-        self.midlayer.mlp.load_state_dict(base_layer.mlp.state_dict())
-
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.embed_tokens(input_ids).to(self.fc.weight.dtype)

@@ -95,6 +95,36 @@ class DraftWithLoss(nn.Module):
         return eagle3_losses(self.draft, hiddens, target_logits, base_argmax, loss_mask, self.chunk_size)
 
 
+@torch.no_grad()
+def start_layer_from(draft: Eagle3Draft, base_layer: nn.Module) -> None:
+    """Start the draft's layer as the base decoder layer that reads the high feature (HF index j is
+    the input of layer j), so at step 0 the draft begins as that layer over the high feature at i.
+
+    fc passes the high feature through unchanged (low and mid start at zero); q/k/v read the
+    hidden half with the base layer's weights and keep their random init on the embedding half,
+    which is the new input the draft must learn to use. MLP, o_proj and norms are copied; a
+    base layer's extra parts (attention biases, q/k norms) have no place here and are left out.
+    Raises ValueError, changing nothing, when the base layer is not shaped like the draft's."""
+    hidden = draft.config.hidden_size
+    layer, attention = draft.midlayer, draft.midlayer.self_attn
+    try:
+        pairs = [(getattr(attention, name).weight[:, hidden:], getattr(base_layer.self_attn, name).weight) for name in ("q_proj", "k_proj", "v_proj")]
+        pairs += [(attention.o_proj.weight, base_layer.self_attn.o_proj.weight),
+                  (layer.hidden_norm.weight, base_layer.input_layernorm.weight),
+                  (layer.post_attention_layernorm.weight, base_layer.post_attention_layernorm.weight)]
+        base_mlp = base_layer.mlp.state_dict()
+        pairs += [(tensor, base_mlp.get(name)) for name, tensor in layer.mlp.state_dict().items()]
+    except AttributeError as error:
+        raise ValueError(f"the base layer lacks a part of a Llama layer: {error}") from None
+    for own, source in pairs:
+        if source is None or own.shape != source.shape:
+            raise ValueError(f"the base layer's weights do not fit the draft's layer ({None if source is None else list(source.shape)} against {list(own.shape)})")
+    draft.fc.weight.zero_()
+    draft.fc.weight[:, 2 * hidden :].copy_(torch.eye(hidden))
+    for own, source in pairs:
+        own.copy_(source)
+
+
 def choose_draft_vocab(source, data, train_indices: list[int], config: Eagle3Config, vocab_size: int, device, autocast):
     """token_map [draft_vocab] from the base's greedy predictions on the first `vocab_examples`
     training conversations (only the training split decides, so held-out figures stay honest)."""
@@ -187,7 +217,10 @@ def train_on(config: Eagle3Config, context: DistributedContext) -> dict:
             draft.norm.weight.copy_(base.get_decoder().norm.weight)
     high = draft.feature_layers[2]
     if config.init_layer_from_base and high < len(base.get_decoder().layers):  # index L is post-norm: no layer reads it
-        draft.init_layer_from(base.get_decoder().layers[high])
+        try:
+            start_layer_from(draft, base.get_decoder().layers[high])
+        except ValueError as error:  # a layer not shaped like Llama's, e.g. a mixture-of-experts MLP
+            log(f"the draft's layer starts random: base layer {high} does not fit it ({error})")
     draft.to(device)
     num_steps, weights = config.num_steps, step_weights(config.num_steps, config.step_weight_decay)
 
