@@ -1,6 +1,6 @@
 """Teacher-forced top-1 of trained drafters on one cache of text, side by side.
 
-A decoding benchmark over 80 MT-Bench turns takes 40 minutes on a 2-core CPU; this takes about one.
+A decoding benchmark over 80 MT-Bench turns takes 24 minutes on a 2-core CPU; this takes about one.
 Distil the base's own replies to the prompts you care about, cache them with the EAGLE-3 features,
 and every drafter is scored on the same replies: per-step top-1 for an EAGLE-3 draft (step k given
 steps < k teacher-forced, as its training's held-out figure), per-head top-1 for Medusa heads.
