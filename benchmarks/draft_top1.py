@@ -24,6 +24,7 @@ import torch
 
 from medusaforge.drafters.eagle3 import load_draft
 from medusaforge.drafters.medusa_heads import load_heads
+from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.models import lm_head_of, load_base_model, resolve_device
 from medusaforge.training.common import autocast_for, evaluate_heads
 from medusaforge.training.distributed import DistributedContext
@@ -32,19 +33,8 @@ from medusaforge.training.eagle3_features import Eagle3OfflineBatches
 from medusaforge.training.hidden_cache import HiddenCache
 from medusaforge.training.sources import OfflineBatches
 
+from convergence import labelled
 from decode_speed import cpu_capability, cpu_flags
-
-
-def named(value: str) -> tuple[str, Path]:
-    name, sep, path = value.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
-    return name, Path(path)
-
-
-def draft_folder(path: Path) -> Path:
-    """`train --method eagle3`'s OUT holds the draft in OUT/draft."""
-    return path / "draft" if (path / "draft" / "config.json").exists() else path
 
 
 def score(model: str, cache_folder: Path, drafters, heads_folders, num_steps: int = 3, batch_size: int = 8,
@@ -62,7 +52,7 @@ def score(model: str, cache_folder: Path, drafters, heads_folders, num_steps: in
     for name, folder in drafters:
         if cache.feature_layers is None:
             raise SystemExit(f"{cache_folder}: holds no EAGLE-3 features; make it with `medusaforge cache --eagle3-features`")
-        draft = load_draft(draft_folder(folder), base.get_input_embeddings()).eval()
+        draft = load_draft(find_eagle3_folder(folder) or folder, base.get_input_embeddings()).eval()  # OUT or OUT/draft
         if draft.feature_layers != cache.feature_layers:
             raise SystemExit(f"{folder}: reads layers {list(draft.feature_layers)}, {cache_folder} holds {list(cache.feature_layers)}")
         token_map = draft.to_target(torch.arange(draft.config.draft_vocab_size))
@@ -80,8 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--cache", type=Path, required=True, help="a `medusaforge cache --eagle3-features` folder of the replies to score on")
-    parser.add_argument("--drafter", type=named, action="append", default=[], help="NAME=DIR of an EAGLE-3 draft (repeatable)")
-    parser.add_argument("--heads", type=named, action="append", default=[], help="NAME=DIR of Medusa heads (repeatable)")
+    parser.add_argument("--drafter", type=lambda v: labelled(v, 2), action="append", default=[], help="NAME=DIR of an EAGLE-3 draft (repeatable)")
+    parser.add_argument("--heads", type=lambda v: labelled(v, 2), action="append", default=[], help="NAME=DIR of Medusa heads (repeatable)")
     parser.add_argument("--num-steps", type=int, default=3, help="EAGLE-3 steps to score")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
