@@ -3,7 +3,8 @@
 Heads trained on the model's own replies learn what the model really says, which matters more for
 acceptance than anything else (on SmolLM2: 0.44 head-0 top-1 on own replies against 0.16 on
 human text). Prompts come from the user turns of a JSONL file or from the built-in sources
-(`chitchat`, `instructions`, or both in turn); replies are generated in batches (left padding),
+(`chitchat`, `instructions`, `self`, or several in turn; `self` asks the base model to write the
+requests too, data/self_requests.py); replies are generated in batches (left padding),
 greedy by default.
 
 With `--endpoint URL` the replies come from a serving engine instead (vLLM, SGLang, any
@@ -31,9 +32,10 @@ from medusaforge.data.conversations import read_conversations
 from medusaforge.data.distilled import distilled_record
 from medusaforge.data.endpoint import EndpointSettings, distill_through_endpoint
 from medusaforge.data.instructions import instruction_prompts
+from medusaforge.data.self_requests import self_requests
 from medusaforge.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 
-BUILTIN_SOURCES = ("chitchat", "instructions")
+BUILTIN_SOURCES = ("chitchat", "instructions", "self")
 
 
 @dataclass
@@ -42,7 +44,8 @@ class DistillConfig:
 
     model: str = option(DEFAULT_MODEL, "base model: local HF folder, hub id, or the built-in smollm2-135m-instruct "
                                        "(with --endpoint: the model the drafter is trained against, checked against the served one)")
-    prompts: str = option("chitchat", "JSONL whose user turns are the prompts, or built-in sources: 'chitchat', 'instructions', or both joined by '+' (taken in turn)")
+    prompts: str = option("chitchat", "JSONL whose user turns are the prompts, or built-in sources: 'chitchat', 'instructions', "
+                                      "'self' (requests the base model writes itself), or several joined by '+' (taken in turn)")
     out: Path = option(Path("runs/distill.jsonl"), "output ShareGPT JSONL")
     num_prompts: int = option(256, "how many prompts to use (0: all)")
     skip_prompts: int = option(0, "skip this many prompts first (to make a disjoint held-out set)")
@@ -91,9 +94,10 @@ def chitchat_prompts(min_chars: int, seed: int) -> list[list[dict]]:
     return prompts
 
 
-def builtin_prompts(sources: str, min_chars: int, seed: int) -> list[list[dict]]:
-    """'chitchat', 'instructions' or 'chitchat+instructions': several sources are interleaved one
-    prompt at a time, so --num-prompts takes an equal share of each."""
+def builtin_prompts(sources: str, min_chars: int, seed: int, self_written: list[list[dict]] | None = None) -> list[list[dict]]:
+    """'chitchat', 'instructions', 'self' or several joined by '+': several sources are interleaved one
+    prompt at a time, so --num-prompts takes an equal share of each. self_written: the `self`
+    source's requests, which only the base model can write (self_request_count says how many)."""
     chitchat = chitchat_prompts(min_chars, seed)
     lists = []
     for name in sources.split("+"):
@@ -103,9 +107,23 @@ def builtin_prompts(sources: str, min_chars: int, seed: int) -> list[list[dict]]
             # The request-to-summarise prompts quote chitchat messages other than the chitchat prompts used above.
             openers = [chat[0]["content"] for chat in chitchat[::-1]]
             lists.append(instruction_prompts(seed, openers[: len(openers) // 2]))
+        elif name == "self":
+            if self_written is None:
+                raise ValueError("the 'self' prompt source is written by the base model; distill it with `medusaforge distill`")
+            lists.append(self_written)
         else:
             raise ValueError(f"unknown built-in prompt source {name!r}; expected one of {', '.join(BUILTIN_SOURCES)}")
     return [chat for group in itertools.zip_longest(*lists) for chat in group if chat is not None]
+
+
+def self_request_count(config: DistillConfig) -> int:
+    """How many requests the base must write for the `self` share of the prompts asked for (0: none)."""
+    parts = config.prompts.split("+") if is_builtin(config.prompts) else []
+    if "self" not in parts:
+        return 0
+    if not config.num_prompts:
+        raise ValueError("--prompts with 'self' needs --num-prompts: the base writes that many requests (its share of them)")
+    return -(-(config.skip_prompts + config.num_prompts) // len(parts))
 
 
 def is_builtin(prompts: str) -> bool:
@@ -188,10 +206,10 @@ def generate_replies(
     return results
 
 
-def select_prompts(config: DistillConfig) -> list[list[dict]]:
+def select_prompts(config: DistillConfig, self_written: list[list[dict]] | None = None) -> list[list[dict]]:
     """The prompt messages of this run, in order (both ways of distilling ask exactly these)."""
     if is_builtin(config.prompts):
-        prompts = builtin_prompts(config.prompts, config.min_prompt_chars, config.seed)
+        prompts = builtin_prompts(config.prompts, config.min_prompt_chars, config.seed, self_written)
     else:
         prompts = file_prompts(Path(config.prompts), config.skip_invalid)
     prompts = prompts[config.skip_prompts :]
@@ -228,17 +246,31 @@ def run(config: DistillConfig) -> Path:
     out = Path(config.out)
     if out.exists() and not config.overwrite and not config.endpoint:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-    prompts = select_prompts(config)
+    num_self_requests = self_request_count(config)
     if config.endpoint:
-        return run_endpoint(config, prompts, out)
+        if num_self_requests:
+            raise ValueError("--prompts 'self' is written by the base model here, not by --endpoint; distill it without --endpoint")
+        return run_endpoint(config, select_prompts(config), out)
+    # Checked before the model loads, so a bad prompts file fails at once.
+    prompts = select_prompts(config) if not num_self_requests else None
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     base = load_base_model(config.model, dtype=dtype, device=device, trust_remote_code=config.trust_remote_code, check=False)
+    seconds_left = config.max_minutes * 60
+    if num_self_requests:
+        began = perf_counter()
+        written = self_requests(base, tokenizer, num_self_requests, min_chars=config.min_prompt_chars,
+                                max_seconds=seconds_left, seed=config.seed, progress=config.progress)
+        spent = perf_counter() - began
+        print(f"distill: the base wrote {len(written)} of {num_self_requests} requests in {spent:.0f}s")
+        prompts = select_prompts(config, written)
+        # Writing the requests counts toward --max-minutes: the limit bounds the whole distill.
+        seconds_left = max(seconds_left - spent, 1e-9) if seconds_left else 0.0
     started = perf_counter()
     replies = generate_replies(base, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.temperature,
-                               config.progress, config.max_minutes * 60)
+                               config.progress, seconds_left)
     elapsed = perf_counter() - started
     reached = sum(reply is not None for reply in replies)
     if reached < len(prompts):
