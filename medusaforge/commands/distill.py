@@ -32,7 +32,7 @@ from medusaforge.data.conversations import read_conversations
 from medusaforge.data.distilled import distilled_record
 from medusaforge.data.endpoint import EndpointSettings, distill_through_endpoint
 from medusaforge.data.instructions import instruction_prompts
-from medusaforge.data.self_requests import self_requests
+from medusaforge.data.self_requests import end_of_turn_ids, self_requests
 from medusaforge.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 
 BUILTIN_SOURCES = ("chitchat", "instructions", "self")
@@ -170,8 +170,7 @@ def generate_replies(
     for the prompts not reached within max_seconds (0: no limit)."""
     tokenizer.padding_side = "left"  # decoder-only batches must be left-padded
     rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    eos_ids = base.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
+    eos_ids = end_of_turn_ids(base, tokenizer)
     results: list[tuple[str, bool] | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), disable=not progress, desc="distill")
     started, slowest_batch = perf_counter(), 0.0

@@ -2,9 +2,10 @@
 
 An instruct model has learnt what its users ask. Given its chat template up to the start of a user
 turn and nothing else, it samples a user request (the Magpie method, Xu et al. 2024). The requests
-range as widely as the model's own instruction data did, with no dataset to download, and the
-replies the model then writes to them are the replies it writes in use. Drafters trained on them
-meet less of a gap on real traffic than on replies to a few fixed templates.
+range as widely as the model's own instruction data did, with no dataset to download: a source of
+prompts for a model whose users' prompts you do not have. On SmolLM2, drafters trained on the
+replies to them predict other prompts' replies slightly better than drafters trained on the
+built-in templates, and MT-Bench's no better (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def request_prefix(tokenizer) -> str:
 
 
 def end_of_turn_ids(base, tokenizer) -> set[int]:
+    """Every token that ends the model's turn: its generation config's and the tokenizer's EOS."""
     eos_ids = base.generation_config.eos_token_id
     return set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {tokenizer.eos_token_id}
 
@@ -51,11 +53,11 @@ def self_requests(
     """
     prefix = tokenizer(request_prefix(tokenizer), return_tensors="pt", add_special_tokens=False)["input_ids"].to(base.device)
     stop_ids = end_of_turn_ids(base, tokenizer)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     kept, seen, drawn, started = [], set(), 0, perf_counter()
     bar = tqdm(total=count, disable=not progress, desc="requests")
-    try:
+    # Seeded sampling that leaves the caller's random state as it was.
+    with torch.random.fork_rng(devices=[base.device] if base.device.type == "cuda" else []):
+        torch.manual_seed(seed)
         while len(kept) < count and drawn < 4 * count:
             if max_seconds and perf_counter() - started > max_seconds:
                 break
@@ -72,7 +74,5 @@ def self_requests(
                     seen.add(text.lower())
                     kept.append([{"role": "user", "content": text}])
                     bar.update(1)
-    finally:
-        bar.close()
-        torch.random.set_rng_state(generator_state)
+    bar.close()
     return kept
