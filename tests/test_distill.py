@@ -6,9 +6,9 @@ import pytest
 
 from medusaforge.cli import main
 from medusaforge.commands import distill
-from medusaforge.commands.distill import generation_batches
+from medusaforge.commands.distill import drop_long_prompts, generation_batches
 
-from helpers import save_tiny_model, write_jsonl
+from helpers import save_tiny_model, tiny_tokenizer, write_jsonl
 
 
 def test_generation_batches_sort_by_length_within_each_round_only():
@@ -36,3 +36,21 @@ def test_a_negative_time_limit_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["distill", "--max-minutes", "-1", "--out", str(tmp_path / "x.jsonl")])
     assert "--max-minutes" in capsys.readouterr().err
+
+
+def test_prompts_longer_than_the_limit_are_skipped_and_counted(capsys):
+    tokenizer = tiny_tokenizer()
+    short, long = [{"role": "user", "content": "Hi there"}], [{"role": "user", "content": "the lazy dog " * 40}]
+    rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in (short, long)]
+    short_length, long_length = (len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
+    assert short_length < long_length
+    assert drop_long_prompts([short, long, short], tokenizer, short_length) == [short, short]
+    assert f"skipped 1 of 3 prompts longer than --max-prompt-tokens {short_length} (longest {long_length} tokens)" in capsys.readouterr().out
+    assert drop_long_prompts([short, long], tokenizer, long_length) == [short, long]
+    assert drop_long_prompts([short, long], tokenizer, 0) == [short, long]  # no limit
+
+
+def test_a_prompt_length_limit_is_refused_with_an_endpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--max-prompt-tokens", "100", "--endpoint", "http://localhost:1/v1", "--out", str(tmp_path / "x.jsonl")])
+    assert "--max-prompt-tokens" in capsys.readouterr().err

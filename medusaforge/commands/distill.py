@@ -55,6 +55,9 @@ class DistillConfig:
                                      "the prompts not reached are left out, so a slow host writes fewer replies, not later")
     temperature: float = option(0.0, "0 for greedy (default), otherwise sampling temperature")
     min_prompt_chars: int = option(8, "skip prompts shorter than this many characters")
+    max_prompt_tokens: int = option(0, "skip prompts whose rendered chat is longer than this many tokens (0: no limit; not with "
+                                       "--endpoint): one long prompt pads its whole batch, and a reply past the training's "
+                                       "--max-length is cut off anyway")
     seed: int = option(0, "random seed (prompt order for chitchat, sampling)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = dtype_option("auto", "model dtype: auto (bf16 where the device runs it natively, else fp32), fp32, bf16 or fp16")
@@ -75,6 +78,8 @@ class DistillConfig:
     def validate(self) -> None:
         if self.max_minutes < 0:
             raise ValueError("--max-minutes must be 0 (no limit) or more")
+        if self.max_prompt_tokens < 0 or (self.max_prompt_tokens and self.endpoint):
+            raise ValueError("--max-prompt-tokens must be 0 (no limit) or more, and 0 with --endpoint (the server counts the prompts past its context)")
         if self.concurrency < 1 or self.retries < 0 or self.request_timeout <= 0:
             raise ValueError("--concurrency must be 1 or more, --retries 0 or more, --request-timeout above 0")
 
@@ -219,6 +224,19 @@ def select_prompts(config: DistillConfig, self_written: list[list[dict]] | None 
     return prompts
 
 
+def drop_long_prompts(prompts: list[list[dict]], tokenizer, max_tokens: int) -> list[list[dict]]:
+    """The prompts whose rendered chat (generation prompt included) has at most max_tokens tokens."""
+    if not max_tokens:
+        return prompts
+    rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    kept = [prompt for prompt, length in zip(prompts, lengths) if length <= max_tokens]
+    if len(kept) < len(prompts):
+        print(f"distill: skipped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than --max-prompt-tokens "
+              f"{max_tokens} (longest {max(lengths)} tokens)")
+    return kept
+
+
 def run_endpoint(config: DistillConfig, prompts: list[list[dict]], out: Path) -> Path:
     settings = EndpointSettings(
         url=config.endpoint, model=config.model, served_model=config.served_model, max_tokens=config.max_new_tokens,
@@ -267,6 +285,7 @@ def run(config: DistillConfig) -> Path:
         prompts = select_prompts(config, written)
         # Writing the requests counts toward --max-minutes: the limit bounds the whole distill.
         seconds_left = max(seconds_left - spent, 1e-9) if seconds_left else 0.0
+    prompts = drop_long_prompts(prompts, tokenizer, config.max_prompt_tokens)
     started = perf_counter()
     replies = generate_replies(base, tokenizer, prompts, config.max_new_tokens, config.batch_size, config.temperature,
                                config.progress, seconds_left)
