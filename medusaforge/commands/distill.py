@@ -32,7 +32,7 @@ from medusaforge.data.conversations import read_conversations
 from medusaforge.data.distilled import distilled_record
 from medusaforge.data.endpoint import EndpointSettings, distill_through_endpoint
 from medusaforge.data.instructions import instruction_prompts
-from medusaforge.data.self_requests import end_of_turn_ids, self_requests
+from medusaforge.data.self_requests import end_of_turn_ids, finished_text, self_requests
 from medusaforge.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_device, resolve_dtype
 
 BUILTIN_SOURCES = ("chitchat", "instructions", "self")
@@ -200,10 +200,9 @@ def generate_replies(
         new_tokens = generated[:, encoded["input_ids"].shape[1] :]
         for row, index in enumerate(batch_indices):
             tokens = new_tokens[row].tolist()
-            finished = any(t in eos_ids for t in tokens)
-            if finished:
-                tokens = tokens[: next(j for j, t in enumerate(tokens) if t in eos_ids)]
-            results[index] = (tokenizer.decode(tokens, skip_special_tokens=True).strip(), finished)
+            reply = finished_text(tokens, eos_ids, tokenizer)
+            # A reply cut off at max_new_tokens is kept whole, and marked unfinished.
+            results[index] = (reply, True) if reply is not None else (tokenizer.decode(tokens, skip_special_tokens=True).strip(), False)
         bar.update(len(batch_indices))
         slowest_batch = max(slowest_batch, perf_counter() - started - elapsed)
     bar.close()
