@@ -12,14 +12,15 @@ MAX_LINES = 400
 ALLOWED = {
     "config": set(),
     "files": set(),
+    "kv_cache": set(),
     "models": {"files"},
-    "data": {"files", "models"},
+    "data": {"files", "kv_cache", "models"},
     "drafters": {"files", "models"},
     "interop": {"drafters", "files", "models"},
     "training": {"config", "data", "drafters", "interop", "files", "models"},
-    "decoding": {"data", "drafters", "interop", "files", "models"},
+    "decoding": {"data", "drafters", "interop", "files", "kv_cache", "models"},
     "serving": {"drafters", "interop", "files", "models"},
-    "commands": {"config", "data", "drafters", "interop", "training", "decoding", "files", "models"},
+    "commands": {"config", "data", "drafters", "interop", "training", "decoding", "files", "kv_cache", "models"},
     "cli": {"config"},
 }
 

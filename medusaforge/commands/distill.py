@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from medusaforge.config import dtype_option, option
 from medusaforge.files import atomic_file
+from medusaforge.data.batch_generation import generate_batch
 from medusaforge.data.chitchat import chitchat_conversations
 from medusaforge.data.conversations import read_conversations
 from medusaforge.data.distilled import distilled_record
@@ -50,7 +51,7 @@ class DistillConfig:
     num_prompts: int = option(256, "how many prompts to use (0: all)")
     skip_prompts: int = option(0, "skip this many prompts first (to make a disjoint held-out set)")
     max_new_tokens: int = option(128, "maximum reply length in tokens")
-    batch_size: int = option(32, "prompts per generation batch")
+    batch_size: int = option(64, "prompts per generation batch")
     max_minutes: float = option(0.0, "start no new batch once this many minutes of generation have passed (0: no limit); "
                                      "the prompts not reached are left out, so a slow host writes fewer replies, not later")
     temperature: float = option(0.0, "0 for greedy (default), otherwise sampling temperature")
@@ -187,19 +188,8 @@ def generate_replies(
         encoded = tokenizer(
             [rendered[i] for i in batch_indices], return_tensors="pt", padding=True, add_special_tokens=False
         ).to(base.device)
-        generated = base.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0,
-            temperature=temperature if temperature > 0 else None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=sorted(eos_ids),
-        )
-        new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-        for row, index in enumerate(batch_indices):
-            tokens = new_tokens[row].tolist()
+        replies = generate_batch(base, encoded["input_ids"], encoded["attention_mask"], max_new_tokens, eos_ids, temperature)
+        for index, tokens in zip(batch_indices, replies):
             reply = finished_text(tokens, eos_ids, tokenizer)
             # A reply cut off at max_new_tokens is kept whole, and marked unfinished.
             results[index] = (reply, True) if reply is not None else (tokenizer.decode(tokens, skip_special_tokens=True).strip(), False)

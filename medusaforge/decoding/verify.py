@@ -7,13 +7,11 @@
   3. the KV entries of the accepted path are moved into place and the rest are cropped, so the cache
      holds exactly what a token-by-token decode would hold.
 
-The cache is transformers' own DynamicCache, so any HF Llama/Qwen/Mistral-style decoder works.
+The cache is transformers' own DynamicCache (written in place, `kv_cache.py`), so any HF Llama/Qwen/Mistral-style decoder works.
 Both the decoder and `medusaforge tree`'s timing call `verify_step`, so the timed step is the real one.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import nn
@@ -22,21 +20,12 @@ from medusaforge.decoding.acceptance import accepted_lengths, best_path, sample,
 from medusaforge.decoding.speculative_sampling import target_distribution, tree_accept
 from medusaforge.decoding.tree import cached_tree_buffers, verify_attention_mask
 from medusaforge.drafters.proposer import DraftTree, Verified
+from medusaforge.kv_cache import cache_kwarg, new_kv_cache
 from medusaforge.models import lm_head_of
 
 
 def new_cache(base: nn.Module):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=base.config)
-    except TypeError:  # older transformers without the config argument
-        return DynamicCache()
-
-
-def _cache_kwarg(decoder: nn.Module) -> str:
-    # transformers 5 renamed past_key_values to cache; read the signature rather than the version.
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    return new_kv_cache(base.config)
 
 
 def run_decoder(decoder: nn.Module, tokens, positions, cache, attention_mask=None, feature_layers=()):
@@ -48,7 +37,7 @@ def run_decoder(decoder: nn.Module, tokens, positions, cache, attention_mask=Non
         attention_mask=attention_mask,
         use_cache=True,
         output_hidden_states=bool(feature_layers),
-        **{_cache_kwarg(decoder): cache},
+        **{cache_kwarg(decoder): cache},
     )
     features = torch.stack([outputs.hidden_states[i] for i in feature_layers], dim=2) if feature_layers else None
     return outputs.last_hidden_state, features
