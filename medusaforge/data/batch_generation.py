@@ -4,8 +4,9 @@ It does what `generate()` does for greedy or plain temperature sampling, and two
   - the KV cache is written in place (`kv_cache.py`) rather than concatenated at every step;
   - once a quarter of the rows have ended their turn, those rows leave the batch, so the replies
     still running stop paying for the finished ones (`generate()` runs every row to the longest).
-On the demo's prompts the two together give 1.28x the reply tokens per second at batch 64 against
-`generate()` at batch 32, with the same greedy tokens (docs/benchmarks.md).
+On 256 of the demo's prompts (bf16, this project's 2-core CPU) the loop gives 1.07x the reply
+tokens per second of `generate()` at batch 32, with the same greedy tokens, and 1.17x at batch 64,
+which the distill now uses (`benchmarks/distill_speed.py`, docs/benchmarks.md).
 """
 
 from __future__ import annotations
