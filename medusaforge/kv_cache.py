@@ -29,7 +29,9 @@ class PreallocatedLayer(DynamicLayer):
 
     def _owns_keys(self) -> bool:
         return (self.key_buffer is not None and self.keys is not None and self.keys.numel() > 0
-                and self.keys.data_ptr() == self.key_buffer.data_ptr() and self.keys.shape[0] == self.key_buffer.shape[0])
+                and self.keys.data_ptr() == self.key_buffer.data_ptr() and self.keys.shape[0] == self.key_buffer.shape[0]
+                # a buffer made under torch.inference_mode cannot be written outside it
+                and (torch.is_inference_mode_enabled() or not self.key_buffer.is_inference()))
 
     def _move_into_buffer(self, length: int, end: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.capacity = max(self.capacity, end + end // 2)

@@ -52,3 +52,13 @@ def test_a_model_decodes_the_same_logits_with_either_cache():
         logits[name] = torch.cat(steps, dim=1)
     assert all(type(layer) is PreallocatedLayer for layer in new_kv_cache(model.config).layers)
     torch.testing.assert_close(logits["ours"], logits["dynamic"], rtol=0, atol=1e-6)
+
+
+def test_a_cache_filled_under_inference_mode_takes_writes_outside_it():
+    layer = PreallocatedLayer(capacity=8)
+    first, second = states(1, 3, 0), states(1, 1, 1)
+    with torch.inference_mode():
+        layer.update(*first)
+    with torch.no_grad():
+        keys, _ = layer.update(*second)
+    assert torch.equal(keys, torch.cat([first[0], second[0]], dim=-2))
