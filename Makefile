@@ -2,7 +2,7 @@
 #   make demo   - set up, self-distill SmolLM2-135M-Instruct replies to chat and instruction prompts
 #                 for 5 minutes, cache its hidden states, train 4 Medusa heads, print per-head held-out
 #                 accuracy, fit their tree to this host, then time them (with prompt lookup merged into
-#                 their tree) against HF greedy and HF prompt lookup on a few prompts (about 15-17 minutes
+#                 their tree) against HF greedy and HF prompt lookup on a few prompts (about 17-20 minutes
 #                 on a 2-core CPU)
 #   make test   - set up, run the test suite
 VENV ?= .venv
