@@ -4,9 +4,9 @@ into a buffer allocated ahead instead of concatenated at every step.
 DynamicCache appends a step's keys and values with `torch.cat`, which copies the whole cache, in
 every layer, at every step. A 32-row distill batch spent a third of its profiled CPU time in that
 copy (the wall-clock gain was smaller, 1.07x; docs/benchmarks.md). Here a step writes only its own
-rows, and the cache hands the model a view of the filled part. Everything else is DynamicCache's own: masks, `crop`, `batch_select_indices`.
-A method that replaces `keys` with a tensor of its own (a crop is a view and is kept) only makes
-the next write move the cache back into a buffer.
+rows, and the cache hands the model a view of the filled part. Everything else is DynamicCache's
+own: masks, `crop`, `batch_select_indices`. A method that replaces `keys` with a tensor of its own
+(a crop is a view and is kept) only makes the next write move the cache back into a buffer.
 """
 
 from __future__ import annotations
