@@ -224,3 +224,42 @@ def test_hybrid_does_not_run_the_model_after_a_long_match_when_given_no_nodes():
     # A 1-gram match is not long: the model runs and its whole tree stays.
     hybrid.update(prefill)
     assert hybrid.propose([1, 2, 3, 9, 1, 2, 7, 9], prefill).tokens.tolist() == [9, 50, 52, 53, 1, 2] and calls == [1]
+
+
+def test_hybrid_free_draft_is_the_long_lookup_match_alone_and_never_runs_the_model():
+    from medusaforge.drafters.proposer import Verified
+
+    calls = []
+    heads = MedusaProposer(None, [[0], [1], [0, 0]], candidates=lambda hidden, tokens: calls.append(1) or torch.tensor([[50, 52], [53, 54]]))
+    hybrid = HybridProposer(heads, LookupProposer(num_tokens=2, min_ngram=1, max_ngram=3, scale_by_match=False))
+    prefill = Verified(start=0, tokens=[1, 2, 3, 9], next_token=1, hidden=torch.zeros(4, 8))
+    hybrid.update(prefill)
+    # The 2-gram [1, 2] matched: the chain 3 9, named as lookup's.
+    draft = hybrid.propose_free([1, 2, 3, 9, 1, 2], prefill)
+    assert draft.tokens.tolist() == [2, 3, 9] and draft.parents == (-1, 0, 1) and calls == []
+    step = Verified(start=6, tokens=[2, 3], next_token=7, hidden=torch.zeros(2, 8), nodes=torch.tensor([0, 1]))
+    hybrid.update(step)
+    assert hybrid.steps == [("lookup", 1)]
+    # A 1-gram match is not long: no free draft, and still no model run.
+    hybrid.update(prefill)
+    assert hybrid.propose_free([1, 2, 3, 9, 1, 2, 7, 9], prefill) is None and calls == []
+
+
+@pytest.mark.parametrize("lookup_right", [True, False])
+def test_drafting_turned_off_still_verifies_long_lookup_matches_losslessly(base, expected, lookup_right):
+    from medusaforge.decoding.adaptive import AdaptiveDrafting
+    from medusaforge.decoding.cost import StepCost
+
+    reference = right_reference(expected)
+    lookup_reference = reference if lookup_right else wrong_reference(expected)
+    heads = MedusaProposer(None, TREE, candidates=oracle_heads(reference, False))  # the heads never pay
+    lookup = LookupProposer(num_tokens=3, min_ngram=NGRAM, max_ngram=NGRAM, reference=lookup_reference)
+    proposer = HybridProposer(heads, lookup, model_nodes_on_match=None)
+    # A drafted step costs 5x a plain one: no draft pays, so drafting turns off after the first step
+    # and only its probes draft the whole tree; every other step is lookup's free draft.
+    adaptive = AdaptiveDrafting(StepCost(fixed=5.0, per_node=0.0), plain_seconds=1.0)
+    result = speculative_generate(base, proposer, PROMPT, NEW_TOKENS, adaptive=adaptive)
+    assert result.tokens == expected[:NEW_TOKENS]
+    free = [accepted for drafted, accepted in zip(result.drafted[1:-1], result.accepted[1:-1]) if drafted == 3]
+    assert len(free) >= 0.75 * len(result.drafted[1:-1])  # the rest: the probes' whole trees
+    assert set(free) == ({3} if lookup_right else {0})

@@ -101,13 +101,20 @@ def speculative_generate(
     while len(result.tokens) < max_new_tokens:
         size = adaptive.next_size() if adaptive is not None else None  # candidate nodes allowed
         start = time.perf_counter()  # a step's cost includes drafting it
-        draft = proposer.propose(tokens, verified) if proposer is not None and size != 0 else None
+        draft, free = None, False
+        if proposer is not None and size != 0:
+            draft = proposer.propose(tokens, verified)
+        elif proposer is not None and hasattr(proposer, "propose_free"):
+            # Drafting is off, but a draft that costs nothing to make (a long lookup match) still goes.
+            draft = proposer.propose_free(tokens, verified)
+            free = draft is not None
         if draft is None:
             draft = root_only(tokens[-1], device)
-        elif size is not None:
+        elif size:
             draft = draft.truncated(size + 1)
         verified = verify_step(base, cache, draft, layers, **sampling)
-        if adaptive is not None:  # verify_step ends in a host sync, so the time is the step's own
+        # A free draft's step says nothing about the drafting that was turned off: it is not recorded.
+        if adaptive is not None and not free:  # verify_step ends in a host sync, so the time is the step's own
             adaptive.record(draft.num_nodes - 1, verified.nodes.tolist(), time.perf_counter() - start)
         if proposer is not None:
             proposer.update(verified)

@@ -78,6 +78,17 @@ class HybridProposer:
         device = next(iter(drafts.values())).tokens.device
         return DraftTree(torch.tensor(merged.tokens, device=device), tuple(merged.parents), self._sources)
 
+    def propose_free(self, tokens: list[int], verified: Verified) -> DraftTree | None:
+        """The lookup chain alone, and only on a match of at least `lookup_first_ngram` tokens: the
+        draft for a step where adaptive drafting has turned the model's draft off. It costs no model
+        run, and a long match is usually right (its accepted runs average 5-6 tokens on MT-Bench), so
+        switching the model off must not switch it off too."""
+        lookup_draft = self.lookup.draft(tokens, verified.hidden.device)
+        if lookup_draft is None or self.lookup.index.longest_match()[0] < self.lookup_first_ngram:
+            return None
+        self._names, self._sources = ("lookup",), lookup_draft.sources  # bit 0 on every node: names[0]
+        return lookup_draft
+
 
 def accept_by_source(sources: list[str], accepted: list[int]) -> dict[str, dict[str, float]]:
     """Per label ("heads", "lookup", "both", "none"): the verify steps whose accepted path that

@@ -106,3 +106,8 @@ class Proposer(Protocol):
         """tokens: every token so far, prompt first, ending with the root (verified.next_token).
         verified: the latest update's argument, for drafters that read the base's hidden states.
         -> a draft whose root is tokens[-1], or None to decode this step without a draft."""
+
+
+# Optional, for drafters with a part that costs (almost) nothing to propose, such as prompt lookup
+# merged with a model: `propose_free(tokens, verified) -> DraftTree | None`, called instead of
+# `propose` on the steps where adaptive drafting has turned drafting off. HybridProposer has one.
