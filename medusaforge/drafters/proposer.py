@@ -9,6 +9,9 @@ once for every drafter; a drafter only implements:
         feature_layers: tuple[int, ...] = ()   # base hidden states `update` receives, see Verified
         def update(self, verified: Verified) -> None: ...
         def propose(self, tokens: list[int], verified: Verified) -> DraftTree | None: ...
+        # optional: a draft that costs (almost) nothing, such as a lookup chain merged with a model,
+        # proposed instead on the steps where adaptive drafting has turned drafting off
+        def propose_free(self, tokens: list[int], verified: Verified) -> DraftTree | None: ...
 
 Call order for one sequence:
     update(prefill)            verified.start == 0: a new sequence; forget any earlier one
@@ -107,7 +110,3 @@ class Proposer(Protocol):
         verified: the latest update's argument, for drafters that read the base's hidden states.
         -> a draft whose root is tokens[-1], or None to decode this step without a draft."""
 
-
-# Optional, for drafters with a part that costs (almost) nothing to propose, such as prompt lookup
-# merged with a model: `propose_free(tokens, verified) -> DraftTree | None`, called instead of
-# `propose` on the steps where adaptive drafting has turned drafting off. HybridProposer has one.
