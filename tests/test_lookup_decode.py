@@ -245,21 +245,37 @@ def test_hybrid_free_draft_is_the_long_lookup_match_alone_and_never_runs_the_mod
     assert hybrid.propose_free([1, 2, 3, 9, 1, 2, 7, 9], prefill) is None and calls == []
 
 
-@pytest.mark.parametrize("lookup_right", [True, False])
-def test_drafting_turned_off_still_verifies_long_lookup_matches_losslessly(base, expected, lookup_right):
+class CutToOneNode:
+    """Adaptive drafting that always allows the model's draft one candidate node."""
+
+    def reset(self):
+        pass
+
+    def next_size(self):
+        return 1
+
+    def record(self, drafted, nodes, seconds):
+        raise AssertionError("a free draft's step was recorded")
+
+
+def drafting_turned_off():
     from medusaforge.decoding.adaptive import AdaptiveDrafting
     from medusaforge.decoding.cost import StepCost
 
+    # A drafted step costs 5x a plain one: no draft of the heads pays, so drafting turns off.
+    return AdaptiveDrafting(StepCost(fixed=5.0, per_node=0.0), plain_seconds=1.0)
+
+
+@pytest.mark.parametrize("make_adaptive", [drafting_turned_off, CutToOneNode], ids=["off", "cut-to-one-node"])
+@pytest.mark.parametrize("lookup_right", [True, False])
+def test_a_long_lookup_match_goes_whole_whatever_adaptive_drafting_allows(base, expected, lookup_right, make_adaptive):
     reference = right_reference(expected)
     lookup_reference = reference if lookup_right else wrong_reference(expected)
     heads = MedusaProposer(None, TREE, candidates=oracle_heads(reference, False))  # the heads never pay
     lookup = LookupProposer(num_tokens=3, min_ngram=NGRAM, max_ngram=NGRAM, reference=lookup_reference)
-    proposer = HybridProposer(heads, lookup, model_nodes_on_match=None)
-    # A drafted step costs 5x a plain one: no draft pays, so drafting turns off after the first step
-    # and only its probes draft the whole tree; every other step is lookup's free draft.
-    adaptive = AdaptiveDrafting(StepCost(fixed=5.0, per_node=0.0), plain_seconds=1.0)
-    result = speculative_generate(base, proposer, PROMPT, NEW_TOKENS, adaptive=adaptive)
+    result = speculative_generate(base, HybridProposer(heads, lookup), PROMPT, NEW_TOKENS, adaptive=make_adaptive())
     assert result.tokens == expected[:NEW_TOKENS]
-    free = [accepted for drafted, accepted in zip(result.drafted[1:-1], result.accepted[1:-1]) if drafted == 3]
-    assert len(free) >= 0.75 * len(result.drafted[1:-1])  # the rest: the probes' whole trees
-    assert set(free) == ({3} if lookup_right else {0})
+    # A 4-gram matches on every step: its 3-token chain is verified whole, neither dropped nor cut to
+    # one node, and no such step is recorded (it says nothing about the heads' draft).
+    assert set(result.drafted[:-1]) == {3}
+    assert set(result.accepted[:-1]) == ({3} if lookup_right else {0})

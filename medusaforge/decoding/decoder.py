@@ -101,19 +101,20 @@ def speculative_generate(
     while len(result.tokens) < max_new_tokens:
         size = adaptive.next_size() if adaptive is not None else None  # candidate nodes allowed
         start = time.perf_counter()  # a step's cost includes drafting it
-        draft, free = None, False
-        if proposer is not None and size != 0:
-            draft = proposer.propose(tokens, verified)
-        elif proposer is not None and hasattr(proposer, "propose_free"):
-            # Drafting is off, but a draft that costs nothing to make (a long lookup match) still goes.
+        draft = None
+        if adaptive is not None and hasattr(proposer, "propose_free"):
+            # A draft that costs no model run (a long lookup match) goes whole, whatever size adaptive
+            # drafting allows the model's draft: cutting a copied run short only loses tokens.
             draft = proposer.propose_free(tokens, verified)
-            free = draft is not None
+        free = draft is not None
+        if draft is None and proposer is not None and size != 0:
+            draft = proposer.propose(tokens, verified)
+            if draft is not None and size:
+                draft = draft.truncated(size + 1)
         if draft is None:
             draft = root_only(tokens[-1], device)
-        elif size:
-            draft = draft.truncated(size + 1)
         verified = verify_step(base, cache, draft, layers, **sampling)
-        # A free draft's step says nothing about the drafting that was turned off: it is not recorded.
+        # A free draft's step says nothing about the model's draft that adaptive drafting sizes: not recorded.
         if adaptive is not None and not free:  # verify_step ends in a host sync, so the time is the step's own
             adaptive.record(draft.num_nodes - 1, verified.nodes.tolist(), time.perf_counter() - start)
         if proposer is not None:

@@ -6,7 +6,8 @@ on a CPU, so instead of picking one source per step, both drafts are merged into
 (drafters/merge.py: a prefix both propose is one node) and the base verifies them at once.
 
 Node order matters because adaptive drafting may keep only a draft's first k nodes: the source
-listed first keeps its node indices. The lookup chain goes first when it matched at least
+listed first keeps its node indices (with adaptive drafting the decoder takes a long match from
+`propose_free` instead, whole). The lookup chain goes first when it matched at least
 `lookup_first_ngram` tokens (a long match is usually right), the model drafter's tree otherwise.
 """
 
@@ -38,7 +39,8 @@ class HybridProposer:
         the first k candidate nodes of the model's tree (None: all; 0: do not run the model that step).
         A long match is usually right, and verify slots spent on the heads then cost more than they
         bring: on the probe of benchmarks/lookup_split.py (8 prompts per set, bf16) 2 beat the whole
-        tree and none."""
+        tree and none. It shapes `propose`, which the decoder calls on a long match only without
+        adaptive drafting (with it, `propose_free`'s chain alone goes)."""
         self.model, self.lookup = model, lookup
         self.lookup_first_ngram = lookup_first_ngram
         self.model_nodes_on_match = model_nodes_on_match
@@ -83,10 +85,10 @@ class HybridProposer:
         return draft, draft is not None and self.lookup.index.longest_match()[0] >= self.lookup_first_ngram
 
     def propose_free(self, tokens: list[int], verified: Verified) -> DraftTree | None:
-        """The lookup chain alone, and only on a match of at least `lookup_first_ngram` tokens: the
-        draft for a step where adaptive drafting has turned the model's draft off. It costs no model
-        run, and a long match is usually right (its accepted runs average 5-6 tokens on MT-Bench), so
-        switching the model off must not switch it off too."""
+        """The lookup chain alone, and only on a match of at least `lookup_first_ngram` tokens. With
+        adaptive drafting the decoder verifies it whole whatever size the model's draft is allowed: it
+        costs no model run, and a long match is usually right (its accepted runs average 5-9 tokens),
+        so neither turning the model's draft off nor cutting it to a few nodes may cut the chain."""
         lookup_draft, long_match = self._lookup_draft(tokens, verified)
         if not long_match:
             return None

@@ -9,8 +9,9 @@ once for every drafter; a drafter only implements:
         feature_layers: tuple[int, ...] = ()   # base hidden states `update` receives, see Verified
         def update(self, verified: Verified) -> None: ...
         def propose(self, tokens: list[int], verified: Verified) -> DraftTree | None: ...
-        # optional: a draft that costs (almost) nothing, such as a lookup chain merged with a model,
-        # proposed instead on the steps where adaptive drafting has turned drafting off
+        # optional: a draft that costs (almost) nothing, such as a long lookup match beside a model;
+        # with adaptive drafting the decoder asks for it first every step, verifies it whole (never cut
+        # to the model's allowed size) and calls propose only when it returns None
         def propose_free(self, tokens: list[int], verified: Verified) -> DraftTree | None: ...
 
 Call order for one sequence:
