@@ -49,6 +49,9 @@ class HybridProposer:
         self.steps: list[tuple[str, int]] = []
         self._sources: tuple[int, ...] | None = None
         self._names: tuple[str, ...] = ()
+        # This step's lookup draft: with adaptive drafting the decoder asks propose_free, then propose
+        # when there is no long match, and both read the same lookup. Cleared by update.
+        self._step_lookup: tuple[DraftTree | None, bool] | None = None
 
     def update(self, verified: Verified) -> None:
         self.model.update(verified)
@@ -57,7 +60,7 @@ class HybridProposer:
             self.steps = []
         elif verified.nodes is not None:
             self.steps.append(step_source(self._sources, verified.nodes, self._names))
-        self._sources = None
+        self._sources, self._step_lookup = None, None
 
     def propose(self, tokens: list[int], verified: Verified) -> DraftTree | None:
         lookup_draft, long_match = self._lookup_draft(tokens, verified)
@@ -80,9 +83,12 @@ class HybridProposer:
         return DraftTree(torch.tensor(merged.tokens, device=device), tuple(merged.parents), self._sources)
 
     def _lookup_draft(self, tokens: list[int], verified: Verified) -> tuple[DraftTree | None, bool]:
-        """-> (lookup's draft or None, whether it came from a match of at least `lookup_first_ngram` tokens)."""
-        draft = self.lookup.draft(tokens, verified.hidden.device)
-        return draft, draft is not None and self.lookup.index.longest_match()[0] >= self.lookup_first_ngram
+        """-> (lookup's draft or None, whether it came from a match of at least `lookup_first_ngram` tokens),
+        worked out once per step."""
+        if self._step_lookup is None:
+            draft = self.lookup.draft(tokens, verified.hidden.device)
+            self._step_lookup = draft, draft is not None and self.lookup.index.longest_match()[0] >= self.lookup_first_ngram
+        return self._step_lookup
 
     def propose_free(self, tokens: list[int], verified: Verified) -> DraftTree | None:
         """The lookup chain alone, and only on a match of at least `lookup_first_ngram` tokens. With

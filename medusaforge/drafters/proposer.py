@@ -110,4 +110,3 @@ class Proposer(Protocol):
         """tokens: every token so far, prompt first, ending with the root (verified.next_token).
         verified: the latest update's argument, for drafters that read the base's hidden states.
         -> a draft whose root is tokens[-1], or None to decode this step without a draft."""
-
