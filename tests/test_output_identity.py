@@ -10,7 +10,7 @@ import json
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-import medusaforge.commands.eval as eval_command
+import medusaforge.decoding.loading as decode_loading
 from medusaforge.cli import main
 from medusaforge.data.prompts import encode_prompt, load_prompts
 from medusaforge.decoding.identity import (
@@ -112,7 +112,7 @@ def run_bf16_eval(tmp_path, model_dir, heads_dir, prompts) -> tuple[int, dict]:
 
 def test_eval_in_bf16_refuses_a_decoder_that_emits_a_wrong_token(tmp_path, monkeypatch, capsys):
     model_dir, heads_dir, prompts, _ = make_inputs(tmp_path)
-    honest = eval_command.medusa_generate
+    honest = decode_loading.medusa_generate
 
     def wrong_decoder(base, heads, ids, *args, **kwargs):
         # The real decoder, then its first token swapped for the one the base ranks last.
@@ -121,7 +121,7 @@ def test_eval_in_bf16_refuses_a_decoder_that_emits_a_wrong_token(tmp_path, monke
             result.tokens[0] = int(base(input_ids=ids[None]).logits[0, -1].argmin())
         return result
 
-    monkeypatch.setattr(eval_command, "medusa_generate", wrong_decoder)
+    monkeypatch.setattr(decode_loading, "medusa_generate", wrong_decoder)
     code, report = run_bf16_eval(tmp_path, model_dir, heads_dir, prompts)
     printed = capsys.readouterr()
     assert code != 0  # the JSON is written, then eval fails
@@ -135,14 +135,14 @@ def test_eval_in_bf16_refuses_a_decoder_that_emits_a_wrong_token(tmp_path, monke
 
 def test_eval_in_bf16_calls_the_other_side_of_an_exact_tie_a_near_tie(tmp_path, monkeypatch, capsys):
     model_dir, heads_dir, prompts, twins = make_inputs(tmp_path, tie_first_token=True)
-    honest = eval_command.medusa_generate
+    honest = decode_loading.medusa_generate
 
     def other_twin(*args, **kwargs):
         result = honest(*args, **kwargs)
         result.tokens[0] = twins.get(result.tokens[0], result.tokens[0])
         return result
 
-    monkeypatch.setattr(eval_command, "medusa_generate", other_twin)
+    monkeypatch.setattr(decode_loading, "medusa_generate", other_twin)
     code, report = run_bf16_eval(tmp_path, model_dir, heads_dir, prompts)
     printed = capsys.readouterr().out
     assert code == 0

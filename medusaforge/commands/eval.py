@@ -20,13 +20,10 @@ import torch
 
 from medusaforge.config import config_to_dict, option
 from medusaforge.data.prompts import encode_prompt, load_prompts, prompt_text
-from medusaforge.decoding.decoder import DecodeResult, eagle3_generate, medusa_generate
+from medusaforge.decoding.decoder import DecodeResult
 from medusaforge.decoding.identity import BUG, count_outputs, judge_parting, outputs_line, verdict
-from medusaforge.decoding.loading import (
-    adaptive_drafting, fitted_tree_file, hf_greedy, hf_prompt_lookup, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids,
-)
+from medusaforge.decoding.loading import adaptive_drafting, hf_greedy, hf_prompt_lookup, load_drafter, stop_token_ids
 from medusaforge.drafters.eagle3_proposer import DynamicTree
-from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.hybrid import accept_by_source
 from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.files import atomic_write_text
@@ -120,35 +117,28 @@ def write_histogram(accept_lengths: list[int], path: Path, title: str) -> bool:
 
 
 def run(config: EvalConfig) -> dict:
-    eagle3 = find_eagle3_folder(config.drafter)
-    drafter = config.drafter or config.heads  # an EAGLE-3 folder, or the heads folder
-    # The drafter's fitted tree (DIR/tree.json from `medusaforge tree`) is used unless --tree names another.
-    tree_file = fitted_tree_file(drafter, config.tree)
-    if eagle3 is not None:
-        tokenizer, base, proposer, eagle_tree = load_eagle3_drafter(
-            config.model, eagle3, tree_file, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
-            config.dtype, config.device)
+    loaded = load_drafter(config.model, config.drafter or config.heads, config.tree,
+                          DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes), config.dtype, config.device,
+                          config.allow_other_base)
+    tokenizer, base, eagle_tree = loaded.tokenizer, loaded.base, loaded.eagle_tree
+    if loaded.is_eagle3:
         tree = {"topk": eagle_tree.topk, "depth": eagle_tree.depth, "num_nodes": eagle_tree.num_nodes} if eagle_tree else {}
-        depth = eagle_tree.depth if eagle_tree else 0
+        depth, shape = (eagle_tree.depth if eagle_tree else 0), f"EAGLE-3 tree {tree}"
     else:
-        tokenizer, base, heads = load_for_decoding(config.model, drafter, config.dtype, config.device, config.allow_other_base)
-        tree, depth = pick_tree(tree_file, heads.num_heads), heads.num_heads
+        tree, depth, shape = loaded.tree, loaded.heads.num_heads, f"tree of {len(loaded.tree)} nodes"
     eos = stop_token_ids(tokenizer, base)
     chats = load_prompts(config.prompts, config.limit)
     encoded = [encode_prompt(tokenizer, chat).to(base.device) for chat in chats]
     dtype = str(next(base.parameters()).dtype).removeprefix("torch.")
-    shape = f"EAGLE-3 tree {tree}" if eagle3 is not None else f"tree of {len(tree)} nodes"
     print(f"eval: {len(chats)} prompts, {config.max_new_tokens} new tokens, {dtype}, {shape}", flush=True)
 
     lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup else None
-    adaptive = adaptive_drafting(tree_file, config.adaptive, base.dtype)
-    if not tree and lookup is None:
+    adaptive = adaptive_drafting(loaded.tree_file, config.adaptive, base.dtype)
+    if not loaded.drafts and lookup is None:
         print("the tree file says no draft beats plain decoding here: decoding without drafting", flush=True)
 
     def medusa(ids, n) -> DecodeResult:
-        if eagle3 is not None:
-            return eagle3_generate(base, proposer, ids, n, eos, adaptive=adaptive, lookup=lookup)
-        return medusa_generate(base, heads, ids, n, eos, tree, lookup=lookup, adaptive=adaptive)
+        return loaded.generate(ids, n, eos, lookup=lookup, adaptive=adaptive)
 
     prompt_lookup = config.baseline and config.prompt_lookup > 0
     if config.baseline:
@@ -203,7 +193,7 @@ def run(config: EvalConfig) -> dict:
     per_head = head_acceptance([a for a, d in zip(accepted, drafted) if d > 0], depth)  # per draft depth for EAGLE-3
     outputs = count_outputs(judgements) if config.baseline else None
     summary = {
-        "drafter": "eagle3" if eagle3 is not None else "medusa",
+        "drafter": "eagle3" if loaded.is_eagle3 else "medusa",
         "accept_length": sum(accept_lengths) / max(len(accept_lengths), 1),
         "speedup": medusa_tps / baseline_tps if config.baseline else None,
         "medusa_tokens_per_s": medusa_tps,

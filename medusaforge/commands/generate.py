@@ -10,10 +10,8 @@ import torch
 
 from medusaforge.config import option
 from medusaforge.data.prompts import encode_prompt, load_prompts
-from medusaforge.decoding.decoder import eagle3_generate, medusa_generate
-from medusaforge.decoding.loading import adaptive_drafting, fitted_tree_file, load_eagle3_drafter, load_for_decoding, pick_tree, stop_token_ids
+from medusaforge.decoding.loading import adaptive_drafting, load_drafter, stop_token_ids
 from medusaforge.drafters.eagle3_proposer import DynamicTree
-from medusaforge.interop.eagle3_layout import find_eagle3_folder
 from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.models import DEFAULT_MODEL
 
@@ -60,34 +58,20 @@ class GenerateConfig:
 
 def run(config: GenerateConfig) -> None:
     torch.manual_seed(config.seed)
-    eagle3 = find_eagle3_folder(config.drafter)
-    drafter = config.drafter or config.heads  # an EAGLE-3 folder, or the heads folder
-    # The drafter's fitted tree (DIR/tree.json from `medusaforge tree`) is used unless --tree names another.
-    tree_file = fitted_tree_file(drafter, config.tree)
-    if eagle3 is not None:
-        tokenizer, base, proposer, tree = load_eagle3_drafter(
-            config.model, eagle3, tree_file, DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes),
-            config.dtype, config.device)
-    else:
-        tokenizer, base, heads = load_for_decoding(config.model, drafter, config.dtype, config.device, config.allow_other_base)
-        tree = pick_tree(tree_file, heads.num_heads)
+    loaded = load_drafter(config.model, config.drafter or config.heads, config.tree,
+                          DynamicTree(config.eagle_topk, config.eagle_depth, config.eagle_nodes), config.dtype, config.device,
+                          config.allow_other_base)
+    tokenizer, base = loaded.tokenizer, loaded.base
     eos = stop_token_ids(tokenizer, base)
     chats = [[{"role": "user", "content": config.prompt}]] if config.prompt else load_prompts(config.prompts, config.limit)
     generator = torch.Generator(device=base.device).manual_seed(config.seed)
     lookup = LookupProposer(num_tokens=config.lookup_tokens) if config.lookup else None
-    adaptive = adaptive_drafting(tree_file, config.adaptive, base.dtype)  # an EAGLE-3 tree file carries its step cost too
+    adaptive = adaptive_drafting(loaded.tree_file, config.adaptive, base.dtype)  # an EAGLE-3 tree file carries its step cost too
     for messages in chats:
         input_ids = encode_prompt(tokenizer, messages, chat=config.chat).to(base.device)
         start = time.perf_counter()
-        if eagle3 is not None:
-            result = eagle3_generate(base, proposer, input_ids, config.max_new_tokens, eos,
-                                     temperature=config.temperature, generator=generator, adaptive=adaptive, lookup=lookup)
-        else:
-            result = medusa_generate(
-                base, heads, input_ids, config.max_new_tokens, eos, tree,
-                temperature=config.temperature, typical_epsilon=config.typical_epsilon,
-                typical_alpha=config.typical_alpha, generator=generator, lookup=lookup, adaptive=adaptive,
-            )
+        result = loaded.generate(input_ids, config.max_new_tokens, eos, lookup=lookup, adaptive=adaptive, temperature=config.temperature,
+                                 typical_epsilon=config.typical_epsilon, typical_alpha=config.typical_alpha, generator=generator)
         seconds = time.perf_counter() - start
         print(tokenizer.decode(result.tokens, skip_special_tokens=True))
         accept = sum(result.accept_lengths) / max(result.num_steps, 1)

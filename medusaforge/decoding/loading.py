@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,8 +12,10 @@ from torch import nn
 
 from medusaforge.decoding.adaptive import AdaptiveDrafting
 from medusaforge.decoding.cost import StepCost
+from medusaforge.decoding.decoder import DecodeResult, eagle3_generate, medusa_generate
 from medusaforge.decoding.tree import default_tree, load_tree, load_tree_metadata
 from medusaforge.drafters.eagle3_proposer import DynamicTree, Eagle3Proposer, prepare_draft
+from medusaforge.drafters.lookup import LookupProposer
 from medusaforge.drafters.medusa_proposer import prepare_heads
 from medusaforge.files import read_json
 from medusaforge.interop.eagle3_layout import find_eagle3_folder, import_eagle3
@@ -150,3 +153,51 @@ def load_eagle3_drafter(model: str, folder, tree_file, default_tree: DynamicTree
     tree = load_eagle_tree(tree_file) if tree_file else default_tree
     tokenizer, base, proposer = load_eagle3_for_decoding(model, folder, dtype, device, tree)
     return tokenizer, base, (proposer if tree is not None else None), tree
+
+
+@dataclass
+class LoadedDrafter:
+    """What generate and eval decode with: the base, its tokenizer and one drafter, either Medusa
+    heads on a path tree ([]: the tree file found no draft worth its cost) or an EAGLE-3 proposer on
+    its dynamic tree (both None for that same verdict)."""
+
+    tokenizer: object
+    base: nn.Module
+    tree_file: Path | None  # the fitted tree file decoding reads, None for the defaults
+    heads: nn.Module | None = None
+    tree: list[list[int]] | None = None
+    eagle3: Eagle3Proposer | None = None
+    eagle_tree: DynamicTree | None = None
+
+    @property
+    def is_eagle3(self) -> bool:
+        return self.heads is None
+
+    @property
+    def drafts(self) -> bool:
+        return bool(self.eagle_tree if self.is_eagle3 else self.tree)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos: list[int], lookup: LookupProposer | None = None,
+                 adaptive: AdaptiveDrafting | None = None, temperature: float = 0.0, typical_epsilon: float = 0.09,
+                 typical_alpha: float = 0.3, generator: torch.Generator | None = None) -> DecodeResult:
+        """Sampling uses speculative sampling with EAGLE-3 and typical acceptance with heads."""
+        if self.is_eagle3:
+            return eagle3_generate(self.base, self.eagle3, input_ids, max_new_tokens, eos, temperature=temperature,
+                                   generator=generator, adaptive=adaptive, lookup=lookup)
+        return medusa_generate(self.base, self.heads, input_ids, max_new_tokens, eos, self.tree, temperature=temperature,
+                               typical_epsilon=typical_epsilon, typical_alpha=typical_alpha, generator=generator,
+                               adaptive=adaptive, lookup=lookup)
+
+
+def load_drafter(model: str, drafter: str | os.PathLike, tree_file: str | os.PathLike | None, eagle_shape: DynamicTree,
+                 dtype: str, device: str, allow_other_base: bool = False) -> LoadedDrafter:
+    """generate's and eval's set-up. `drafter` is a heads folder or an EAGLE-3 folder; the tree is
+    `tree_file`, else the one `medusaforge tree` left in the drafter's folder, else the shipped tree
+    for the heads or `eagle_shape` for an EAGLE-3 draft."""
+    eagle3 = find_eagle3_folder(drafter)
+    tree_file = fitted_tree_file(drafter, tree_file)
+    if eagle3 is not None:
+        tokenizer, base, proposer, eagle_tree = load_eagle3_drafter(model, eagle3, tree_file, eagle_shape, dtype, device)
+        return LoadedDrafter(tokenizer, base, tree_file, eagle3=proposer, eagle_tree=eagle_tree)
+    tokenizer, base, heads = load_for_decoding(model, drafter, dtype, device, allow_other_base)
+    return LoadedDrafter(tokenizer, base, tree_file, heads=heads, tree=pick_tree(tree_file, heads.num_heads))
