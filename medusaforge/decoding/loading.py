@@ -147,14 +147,6 @@ def load_eagle_tree(path: str | os.PathLike) -> DynamicTree | None:
         raise ValueError(f"{path}: 'eagle' needs topk, depth and num_nodes ({error})") from None
 
 
-def load_eagle3_drafter(model: str, folder, tree_file, default_tree: DynamicTree, dtype: str, device: str):
-    """generate's and eval's EAGLE-3 set-up -> (tokenizer, base, proposer, tree). `tree_file` is what
-    `medusaforge tree --drafter` chose; when it says no draft beats a plain step, proposer and tree are None."""
-    tree = load_eagle_tree(tree_file) if tree_file else default_tree
-    tokenizer, base, proposer = load_eagle3_for_decoding(model, folder, dtype, device, tree)
-    return tokenizer, base, (proposer if tree is not None else None), tree
-
-
 @dataclass
 class LoadedDrafter:
     """What generate and eval decode with: the base, its tokenizer and one drafter, either Medusa
@@ -197,7 +189,9 @@ def load_drafter(model: str, drafter: str | os.PathLike, tree_file: str | os.Pat
     eagle3 = find_eagle3_folder(drafter)
     tree_file = fitted_tree_file(drafter, tree_file)
     if eagle3 is not None:
-        tokenizer, base, proposer, eagle_tree = load_eagle3_drafter(model, eagle3, tree_file, eagle_shape, dtype, device)
-        return LoadedDrafter(tokenizer, base, tree_file, eagle3=proposer, eagle_tree=eagle_tree)
+        # None when `medusaforge tree --drafter` found that no draft beats a plain step
+        eagle_tree = load_eagle_tree(tree_file) if tree_file else eagle_shape
+        tokenizer, base, proposer = load_eagle3_for_decoding(model, eagle3, dtype, device, eagle_tree)
+        return LoadedDrafter(tokenizer, base, tree_file, eagle3=proposer if eagle_tree is not None else None, eagle_tree=eagle_tree)
     tokenizer, base, heads = load_for_decoding(model, drafter, dtype, device, allow_other_base)
     return LoadedDrafter(tokenizer, base, tree_file, heads=heads, tree=pick_tree(tree_file, heads.num_heads))
